@@ -1,0 +1,50 @@
+"""Triton device functions shared by the paged attention kernels.
+
+Softmax runs in base 2: scores are pre-multiplied by scale * log2(e) so exp2 can be used, and the
+log-sum-exp values that partitions exchange are base-2 as well.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def load_kv_tile(
+    cache_ptr,  # (N, bs, Hkv, D), last dim contiguous
+    block_table_ptr,  # row of this sequence: (M,) int32
+    positions,  # (BLOCK_N,) token positions within the sequence
+    valid,  # (BLOCK_N,) which positions exist
+    kv_head,
+    stride_cb,
+    stride_co,
+    stride_ch,
+    block_size,
+    HEAD_DIM: tl.constexpr,
+):
+    """Gather BLOCK_N cached tokens of one kv head through the block table: (BLOCK_N, D)."""
+    page = tl.load(block_table_ptr + positions // block_size, mask=valid, other=0).to(tl.int64)
+    row = page * stride_cb + (positions % block_size) * stride_co + kv_head * stride_ch
+    dims = tl.arange(0, HEAD_DIM)
+    return tl.load(cache_ptr + row[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
+    """Fold one key tile into the running (max, sum, accumulator) of a query tile.
+
+    q: (M, D), k and v: (N, D), visible: (M, N) bool, m_i and l_i: (M,) fp32 base-2,
+    acc: (M, D) fp32 (unnormalised output). Every row must see at least one key in the first
+    tile it is given, so m_i is finite afterwards and no NaN arises from fully masked rows.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (M, N) fp32
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
