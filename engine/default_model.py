@@ -119,6 +119,7 @@ def convert_default_model(
             stage("reloading the folder with transformers and checking it")
             check = verify_converted_folder(staging, reference=model)
             stage(f"installing into {target}")
+            _make_readable(staging)
             _install(staging, target, force=force)
         _log(
             f"converted {DEFAULT_MODEL_NAME}: {check.num_params / 1e6:.1f}M params, "
@@ -226,7 +227,6 @@ def _save_folder(model: Any, tokenizer: Any, folder: Path) -> None:
     # transformers try to read a GGUF file that is not in the folder.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._name_or_path = DEFAULT_MODEL_NAME
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # Tied embeddings: save_pretrained stores the shared tensor once (as the embedding) and
     # config.tie_word_embeddings tells loaders to reuse it for lm_head.
@@ -254,6 +254,13 @@ def _max_logit_diff(model: Any, reference: Any, tokenizer: Any) -> float:
         got = model(ids).logits  # (1, T, vocab)
         want = reference(ids).logits
     return float((got - want).abs().max())
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the staging folder ordinary permissions (mkdtemp makes it private to the user)."""
+    os.chmod(folder, 0o755)
+    for path in folder.iterdir():
+        os.chmod(path, 0o644)
 
 
 def _install(staging: Path, target: Path, force: bool) -> None:

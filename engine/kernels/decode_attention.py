@@ -17,11 +17,12 @@ import triton
 import triton.language as tl
 
 from engine.kernels import launch_checks as checks
-from engine.kernels.tiles import LOG2E, load_kv_tile, online_softmax_step
+from engine.kernels.tiles import LOG2E, dot_in_fp32, load_kv_tile, online_softmax_step
 
 MIN_GROUP_PAD = 16  # tl.dot needs M >= 16 on GPUs: pad the query heads of a group
 MIN_PARTITION_SIZE = 16
 PROGRAMS_PER_SM = 2  # split the context until about this many programs per SM are running
+MIN_GPU_PARTITION_SIZE = 256  # shorter partitions cost more in the combine step than they save
 
 
 @triton.jit
@@ -51,6 +52,7 @@ def _decode_partition_kernel(
     BLOCK_N: tl.constexpr,
     PARTITION_SIZE: tl.constexpr,
     SINGLE_PARTITION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """Grid (B, Hkv, P): attention of one group of query heads over one context partition."""
     b = tl.program_id(0).to(tl.int64)
@@ -80,8 +82,8 @@ def _decode_partition_kernel(
                          stride_cb, stride_co, stride_ch, block_size, HEAD_DIM)  # fmt: skip
         v = load_kv_tile(v_cache_ptr, bt_row, positions, valid, kv_head,
                          stride_cb, stride_co, stride_ch, block_size, HEAD_DIM)  # fmt: skip
-        visible = (head_mask[:, None] | True) & valid[None, :]  # (GROUP_PAD, BLOCK_N)
-        m_i, l_i, acc = online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale,
+                                           DOT_FP32)  # fmt: skip
 
     out = acc / l_i[:, None]
     if SINGLE_PARTITION:
@@ -166,9 +168,7 @@ def _check_decode_args(q, k_cache, block_tables, context_lens, num_seqs, num_kv_
     checks.check_query("q", q, None, num_kv_heads, head_dim)
     checks.check_same_dtype(k_cache, q=q)
     checks.check_index("context_lens", context_lens, torch.int32, (num_seqs,))
-    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables must be ({num_seqs}, max_blocks), got {tuple(block_tables.shape)}")
-    checks.check_index("block_tables", block_tables, torch.int32, tuple(block_tables.shape))
+    checks.check_block_tables(block_tables, num_seqs)
     checks.check_device(_decode_partition_kernel, q, k_cache, block_tables, context_lens)
 
 
@@ -183,16 +183,14 @@ def _check_partition_size(partition_size: int) -> None:
 def choose_partition_size(
     num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device
 ) -> int:
-    """Split the context only as much as needed to give every SM work (a single partition on CPU)."""
+    """Split the context only as far as needed to give every SM work; one partition on CPU."""
     whole = max(MIN_PARTITION_SIZE, triton.next_power_of_2(max_context_len))
     if device.type != "cuda":
         return whole
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = math.ceil(PROGRAMS_PER_SM * sms / (num_seqs * num_kv_heads))
-    if splits <= 1:
-        return whole
     size = triton.next_power_of_2(math.ceil(max_context_len / splits))
-    return max(256, size) if max_context_len > 256 else whole
+    return min(whole, max(MIN_GPU_PARTITION_SIZE, size))
 
 
 def _launch(q, k_cache, v_cache, block_tables, context_lens, out, scale, partition_size, parts):
@@ -200,6 +198,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, out, scale, partiti
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     single = parts == 1
+    # (B, Hq, P, D) partial outputs and (B, Hq, P) log-sum-exps; unused with one partition
     part_out = q.new_empty((num_seqs, num_heads, parts, head_dim) if not single else (1,), dtype=torch.float32)
     part_lse = q.new_empty((num_seqs, num_heads, parts) if not single else (1,), dtype=torch.float32)
     block_n = min(64 if head_dim <= 128 else 32, partition_size)
@@ -211,7 +210,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, out, scale, partiti
         scale * LOG2E, k_cache.shape[1], parts,
         GROUP=group, GROUP_PAD=max(MIN_GROUP_PAD, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
-        SINGLE_PARTITION=single,
+        SINGLE_PARTITION=single, DOT_FP32=dot_in_fp32(_decode_partition_kernel, q.dtype),
     )  # fmt: skip
     if single:
         return

@@ -79,6 +79,15 @@ def check_index(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int
         check_last_dim_contiguous(name, t)
 
 
+def check_block_tables(block_tables: torch.Tensor, num_seqs: int) -> None:
+    """(num_seqs, max_blocks) int32, one row per sequence."""
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError(
+            f"block_tables must be ({num_seqs}, max_blocks), got {tuple(block_tables.shape)}"
+        )
+    check_index("block_tables", block_tables, torch.int32, tuple(block_tables.shape))
+
+
 def check_query(
     name: str, q: torch.Tensor, rows: int | None, num_kv_heads: int, head_dim: int
 ) -> None:

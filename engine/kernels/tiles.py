@@ -6,10 +6,22 @@ log-sum-exp values that partitions exchange are base-2 as well.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 LOG2E = 1.4426950408889634
+
+
+def dot_in_fp32(kernel: object, dtype: torch.dtype) -> bool:
+    """Whether a kernel must upcast its tl.dot operands to float32.
+
+    The Triton interpreter keeps bfloat16 values as raw uint16 bits and its tl.dot multiplies
+    those bits as integers, so on the interpreter bfloat16 operands are upcast first (exact: the
+    products of bf16 values are the same in fp32). Compiled kernels use the native bf16 dot.
+    """
+    return isinstance(kernel, InterpretedFunction) and dtype == torch.bfloat16
 
 
 @triton.jit
@@ -33,13 +45,17 @@ def load_kv_tile(
 
 
 @triton.jit
-def online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
+def online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_FP32: tl.constexpr):
     """Fold one key tile into the running (max, sum, accumulator) of a query tile.
 
-    q: (M, D), k and v: (N, D), visible: (M, N) bool, m_i and l_i: (M,) fp32 base-2,
-    acc: (M, D) fp32 (unnormalised output). Every row must see at least one key in the first
+    q: (M, D), k and v: (N, D), visible: bool, m_i and l_i: (M,) fp32 base-2,
+    acc: (M, D) fp32 (unnormalised output); visible broadcasts to (M, N). Every row must see at least one key in the first
     tile it is given, so m_i is finite afterwards and no NaN arises from fully masked rows.
     """
+    if DOT_FP32:  # see dot_in_fp32
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (M, N) fp32
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))

@@ -1,0 +1,318 @@
+"""LLMEngine: add requests, step, read outputs. The step reads as three calls:
+schedule() -> execute + sample -> postprocess().
+
+Not thread-safe: one thread drives it (see engine_loop.py for the serving wrapper).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.model_loader import load_hf_config, load_model
+from engine.model_runner import KVCacheSpec, ModelRunner, kv_pool_bytes
+from engine.outputs import PrefillResult, RequestOutput, TokenLogprob
+from engine.request import Request, RequestStatus
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.stop_checker import StopChecker
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_MAX_MODEL_LEN = 4096
+
+
+class QueueFullError(RuntimeError):
+    """The bounded waiting queue (or the KV pool, for an import) has no room now; retry later."""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_reserved: int
+    num_held: int
+    num_free_blocks: int
+    num_blocks: int
+    kv_cache_usage: float
+    num_preemptions: int
+
+
+@dataclass(slots=True)
+class ImportReservation:
+    block_ids: list[int]  # local blocks covering the whole prompt
+    num_cached_blocks: int  # leading blocks already valid through the local prefix cache
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_path = _resolve_model(config.model)
+        self.device = _pick_device(config.device)
+        self.dtype = _pick_dtype(config.dtype, self.device)
+        hf_config, _ = load_hf_config(self.model_path)
+        max_len = _max_model_len(config.max_model_len, hf_config)
+        loaded = load_model(self.model_path, self.dtype, self.device, max_len)
+        self.hf_config = loaded.hf_config
+        self.architecture = loaded.architecture
+        self.model_fingerprint = loaded.fingerprint
+        self.num_params = loaded.num_params
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        args = loaded.model.args
+        self.vocab_size = args.vocab_size
+        weights_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        kv_bytes = kv_pool_bytes(self.device, config.kv_cache_memory, config.gpu_memory_utilization, weights_bytes)
+        spec = dict(num_layers=args.num_layers, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                    block_size=config.block_size, dtype=self.dtype)
+        self.runner = ModelRunner(loaded, spec, kv_bytes, self.device, config.attention_backend)
+        self.max_model_len = self._fit_max_model_len(max_len)
+        self.pool = BlockPool(self.runner.spec.num_blocks, config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = _eos_ids(self.model_path, self.hf_config, self.tokenizer)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
+        self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._pending: list[RequestOutput] = []
+        log.info("engine ready: %s (%s, %s params) on %s/%s, %d KV blocks of %d tokens, backend %s",
+                 self.model_path, self.architecture, f"{self.num_params:,}", self.device, self.dtype,
+                 self.pool.num_blocks, config.block_size, self.runner.backend.name)
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.runner.kv_cache
+
+    @property
+    def kv_spec(self) -> KVCacheSpec:
+        return self.runner.spec
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    *, prefill_only: bool = False) -> None:
+        request = self._new_request(request_id, prompt_token_ids, params, prefill_only)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        if request.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
+            self.scheduler.finish(request, "abort")
+            self._pending.append(self._output(request, [], None, finished=True))
+        else:  # reserved or held: only blocks to give back
+            self.kv.free(request)
+            request.status = RequestStatus.FINISHED
+
+    def release_held(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is not None and request.status == RequestStatus.HELD:
+            self.abort_request(request_id)
+
+    def held_block_ids(self, request_id: str) -> list[int]:
+        request = self.requests.get(request_id)
+        if request is None or request.status != RequestStatus.HELD:
+            raise KeyError(f"no held request {request_id!r}")
+        return list(request.block_ids)
+
+    def reserve_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> ImportReservation:
+        request = self._new_request(request_id, prompt_token_ids, params, prefill_only=False)
+        hits = self.kv.find_prefix_hits(request)
+        if not self.kv.allocate(request, request.num_tokens - len(hits) * self.config.block_size, hits):
+            raise QueueFullError(f"not enough free KV blocks to import {len(prompt_token_ids)} tokens")
+        request.num_cached_tokens = len(hits) * self.config.block_size
+        request.status = RequestStatus.RESERVED
+        self.requests[request_id] = request
+        return ImportReservation(list(request.block_ids), len(hits))
+
+    def commit_import(self, request_id: str, first_token: int, first_logprob: TokenLogprob | None = None) -> None:
+        request = self.requests.get(request_id)
+        if request is None or request.status != RequestStatus.RESERVED:
+            raise KeyError(f"no reserved import {request_id!r}")
+        if not 0 <= first_token < self.vocab_size:
+            self.abort_request(request_id)
+            raise ValueError(f"first token {first_token} outside the vocabulary [0, {self.vocab_size})")
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv.cache_full_blocks(request)
+        self.scheduler.add(request)
+        self._pending.extend(self._accept_tokens([request], [first_token], [first_logprob]))
+
+    def cancel_import(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is not None and request.status == RequestStatus.RESERVED:
+            self.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            logits = self.runner.execute(sched)
+            outputs.extend(self._postprocess(sched, logits))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        by_status = {s: 0 for s in RequestStatus}
+        for request in self.requests.values():
+            by_status[request.status] += 1
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_reserved=by_status[RequestStatus.RESERVED],
+            num_held=by_status[RequestStatus.HELD],
+            num_free_blocks=self.pool.num_free_blocks,
+            num_blocks=self.pool.num_blocks,
+            kv_cache_usage=self.pool.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        for s in sched.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(s.request)
+        sampling = [s.request for s in sched.scheduled
+                    if s.request.num_computed_tokens == s.request.num_tokens]
+        if not sampling:
+            return []
+        sampled = self.sampler(logits, sampling)
+        return self._accept_tokens(sampling, sampled.token_ids, sampled.logprobs)
+
+    def _accept_tokens(self, requests: list[Request], tokens: list[int], logprobs) -> list[RequestOutput]:
+        outputs = []
+        for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
+            request.append_token(token)
+            if logprob is not None:
+                request.output_logprobs.append(logprob)
+            if request.prefill_only:
+                outputs.append(self._finish_prefill(request, token, logprob))
+                continue
+            stop = self.stop_checker.check(request)
+            if stop is not None:
+                request.stop_reason = stop.stop_reason
+                self.scheduler.finish(request, stop.finish_reason)
+                del self.requests[request.request_id]
+            outputs.append(self._output(request, [token], [logprob] if logprob else None,
+                                        finished=stop is not None))
+        return outputs
+
+    def _finish_prefill(self, request: Request, token: int, logprob) -> RequestOutput:
+        self.scheduler.finish(request, "prefill", keep_blocks=True)
+        out = self._output(request, [token], [logprob] if logprob else None, finished=True)
+        out.prefill = PrefillResult(list(request.block_ids), request.num_prompt_tokens, token,
+                                    logprob[0] if logprob else None)
+        return out
+
+    def _output(self, request: Request, tokens: list[int], logprobs, *, finished: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=tokens,
+            new_logprobs=logprobs,
+            finished=finished,
+            finish_reason=request.finish_reason if finished else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            stop_reason=request.stop_reason if finished else None,
+        )
+
+    def _new_request(self, request_id: str, prompt_token_ids, params, prefill_only: bool) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            raise ValueError("the engine takes n=1 requests; fan out n>1 before adding")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_prompt(prompt_token_ids)
+        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids {bad_stop} outside the vocabulary [0, {self.vocab_size})")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
+        request = Request(request_id, list(prompt_token_ids), params, prefill_only=prefill_only)
+        if params.seed is not None:
+            request.generator = torch.Generator().manual_seed(params.seed)
+        return request
+
+    def _check_prompt(self, prompt_token_ids) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        for t in prompt_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t!r} outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens but max_model_len is {self.max_model_len}: "
+                "no room to generate"
+            )
+
+    def _fit_max_model_len(self, wanted: int) -> int:
+        capacity = self.runner.spec.num_blocks * self.config.block_size
+        if wanted <= capacity:
+            return wanted
+        if self.config.max_model_len is not None:
+            raise ValueError(f"max_model_len {wanted} exceeds the KV pool ({capacity} tokens); "
+                             "raise kv_cache_memory or lower max_model_len")
+        log.warning("max_model_len lowered to %d to fit the KV pool", capacity)
+        return capacity
+
+
+def _resolve_model(model: str | None) -> Path:
+    if model is not None:
+        path = Path(model).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {model!r} is not a local Hugging Face folder (no config.json)")
+        return path
+    from engine.default_model import resolve_model
+
+    return resolve_model(None)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _max_model_len(wanted: int | None, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or _DEFAULT_MAX_MODEL_LEN
+    if wanted is None:
+        return min(limit, _DEFAULT_MAX_MODEL_LEN)
+    if wanted > limit:
+        raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {limit}")
+    return wanted
+
+
+def _eos_ids(path: Path, hf_config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        import json
+
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

@@ -1,0 +1,138 @@
+"""The offline API, shaped like vLLM's `LLM`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.outputs import CompletionOutput, LLMOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+PromptType = str | dict
+
+
+class LLM:
+    """`LLM(model=None)` serves the default model; `model` may be any supported local HF folder."""
+
+    def __init__(self, model: str | None = None, **engine_kwargs) -> None:
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(engine_kwargs) - known
+        if unknown:
+            raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._counter = 0
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[LLMOutput]:
+        items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = _per_prompt(sampling_params, len(items))
+        encoded = [self._encode(p) for p in items]
+        for (_, ids), sp in zip(encoded, params, strict=True):
+            self.engine._check_prompt(ids)  # every prompt is checked before any is queued
+            if sp.max_tokens is None and len(ids) >= self.engine.max_model_len:
+                raise ValueError("prompt leaves no room to generate")
+        results = [LLMOutput(str(i), text, ids) for i, (text, ids) in enumerate(encoded)]
+        children = self._add_all(encoded, params, results)
+        self._run(children, len(children), use_tqdm)
+        return results
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[LLMOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in conversations:
+            ids = self.tokenizer.apply_chat_template(
+                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                tokenize=True, return_dict=False,
+            )
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise ValueError(f"a prompt is a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def _add_all(self, encoded, params, results) -> dict[str, tuple[LLMOutput, int, SamplingParams]]:
+        """Fan each prompt out into n engine requests; returns child id -> (result, index, params)."""
+        children = {}
+        try:
+            for (_, ids), sp, result in zip(encoded, params, results, strict=True):
+                for j in range(sp.n):
+                    seed = None if sp.seed is None else sp.seed + j
+                    child = sp.clone(n=1, seed=seed)
+                    rid = f"llm-{self._counter}"
+                    self._counter += 1
+                    self.engine.add_request(rid, ids, child)
+                    result.outputs.append(CompletionOutput(j, "", [], None, [] if sp.logprobs is not None else None))
+                    children[rid] = (result, j, child)
+        except Exception:
+            for rid in children:
+                self.engine.abort_request(rid)
+            raise
+        return children
+
+    def _run(self, children, total: int, use_tqdm: bool) -> None:
+        bar = tqdm(total=total, desc="generating", disable=not use_tqdm or total < 2)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id in children:
+                        self._absorb(out, *children[out.request_id])
+                        bar.update(int(out.finished))
+        finally:
+            bar.close()
+
+    def _absorb(self, out: RequestOutput, result: LLMOutput, index: int, params: SamplingParams) -> None:
+        comp = result.outputs[index]
+        comp.token_ids.extend(out.new_token_ids)
+        if comp.logprobs is not None and out.new_logprobs:
+            for (chosen, top), tok in zip(out.new_logprobs, out.new_token_ids, strict=True):
+                comp.logprobs.append({tok: chosen, **top})
+                comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + chosen
+        if out.finished:
+            comp.finish_reason = out.finish_reason
+            comp.stop_reason = out.stop_reason
+            comp.text = self._final_text(comp.token_ids, params, out.stop_reason)
+
+    def _final_text(self, token_ids: list[int], params: SamplingParams, stop_reason) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
+        if isinstance(stop_reason, str):
+            cut = text.find(stop_reason)
+            if cut >= 0:
+                text = text[: cut + (len(stop_reason) if params.include_stop_str_in_output else 0)]
+        return text
+
+
+def _per_prompt(sampling_params, n: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    params = list(sampling_params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return params

@@ -1,0 +1,112 @@
+"""Vectorised sampling for one batch of rows (one row per request that samples this step).
+
+Order: penalties -> min_tokens masking -> temperature -> top-k / top-p / min-p -> draw.
+Greedy rows take argmax. Seeded rows draw with their own torch.Generator, so a seeded request
+is reproducible whatever else shares the batch; the others share the engine's generator.
+Logprobs are those of the model's raw distribution (log_softmax of the logits), as vLLM reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.request import Request
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: set[int], seed: int) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        logits = logits[:, : self.vocab_size].float().cpu()  # (S, V)
+        raw = logits
+        logits = self._apply_penalties(logits.clone(), requests)
+        self._mask_early_stop(logits, requests)
+        tokens = self._draw(logits, requests)
+        return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, requests))
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [
+            i for i, r in enumerate(requests)
+            if r.params.presence_penalty or r.params.frequency_penalty or r.params.repetition_penalty != 1.0
+        ]
+        for i in rows:  # only rows that ask for penalties pay for them
+            p = requests[i].params
+            out_ids = torch.tensor(requests[i].output_token_ids, dtype=torch.long)
+            counts = torch.bincount(out_ids, minlength=logits.shape[1])[: logits.shape[1]].float()
+            if p.repetition_penalty != 1.0:
+                seen = torch.zeros(logits.shape[1], dtype=torch.bool)
+                seen[torch.tensor(requests[i].all_token_ids, dtype=torch.long)] = True
+                row = logits[i]
+                penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                logits[i] = torch.where(seen, penalised, row)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        return logits
+
+    def _mask_early_stop(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        for i, r in enumerate(requests):
+            if r.num_output_tokens < r.params.min_tokens:
+                banned = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(self.eos_token_ids))
+                if banned:
+                    logits[i, [t for t in banned if t < logits.shape[1]]] = float("-inf")
+
+    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        greedy = torch.tensor([r.params.greedy for r in requests])
+        tokens = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            return tokens
+        temps = torch.tensor([max(r.params.temperature, 1e-5) for r in requests]).unsqueeze(1)
+        probs = _filter(logits / temps, requests).softmax(dim=-1)  # (S, V)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, r in enumerate(requests):
+            if r.generator is not None and not r.params.greedy:
+                noise[i].exponential_(generator=r.generator)
+        sampled = (probs / noise).argmax(dim=-1)  # exponential race == categorical draw
+        return torch.where(greedy, tokens, sampled)
+
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]):
+        wanted = [r.params.logprobs for r in requests]
+        if all(w is None for w in wanted):
+            return [None] * len(requests)
+        logprobs = raw.log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        k = max(w or 0 for w in wanted)
+        top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        out: list[TokenLogprob | None] = []
+        for i, w in enumerate(wanted):
+            if w is None:
+                out.append(None)
+                continue
+            top = {} if not w else dict(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist(), strict=True))
+            out.append((chosen[i], top))
+        return out
+
+
+def _filter(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """top-k, top-p and min-p over a batch, one sort for all rows."""
+    top_k = torch.tensor([r.params.top_k or logits.shape[1] for r in requests])
+    top_p = torch.tensor([r.params.top_p for r in requests])
+    min_p = torch.tensor([r.params.min_p for r in requests])
+    if bool((top_k >= logits.shape[1]).all() and (top_p >= 1.0).all() and (min_p <= 0).all()):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1])[None, :]
+    remove = ranks >= top_k[:, None]
+    probs = sorted_logits.softmax(dim=-1)
+    cum = probs.cumsum(dim=-1)
+    remove |= (cum - probs) > top_p[:, None]  # keep the smallest set reaching top_p
+    remove |= probs < (min_p[:, None] * probs[:, :1])
+    remove[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
