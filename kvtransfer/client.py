@@ -1,0 +1,196 @@
+"""The decode side of a transfer: pulls pages from a prefill worker's KVTransferService.
+
+Control always goes over gRPC; bytes go over the same gRPC stream (bounded, checksummed chunks)
+or, when both workers share a host, through a shared-memory segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from kvtransfer import wire
+from kvtransfer.chunking import ChunkAssembler, TransferError
+from kvtransfer.exporter import ReadRequest
+from kvtransfer.layout import KVLayout, check_compatible
+from kvtransfer.pages import PagedKV
+from kvtransfer.shm import read_segment
+from protos.pdserve.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("auto", "grpc", "shm")
+_MAX_MESSAGE = 8 << 20  # chunks are <= 1 MiB; leave room for the envelope
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    engine_id: str
+    epoch: int
+    layout: KVLayout
+    compat_hash: str
+    host_id: str
+    shm_available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    transport: str  # "grpc" or "shm"
+    num_bytes: int
+    seconds: float
+
+
+class KVTransferClient:
+    """Talks to one prefill worker. Safe to share between the requests of one event loop."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        local: PagedKV,
+        *,
+        local_host_id: str,
+        transport: str = "auto",
+        credentials: grpc.ChannelCredentials | None = None,
+        max_chunk_bytes: int = 0,
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE)]
+        self._channel = (
+            grpc.aio.secure_channel(endpoint, credentials, options)
+            if credentials is not None
+            else grpc.aio.insecure_channel(endpoint, options)
+        )
+        self._stub = kvtransfer_pb2_grpc.KVTransferServiceStub(self._channel)
+        self.endpoint = endpoint
+        self._local = local
+        self._local_host_id = local_host_id
+        self._transport = transport
+        self._max_chunk_bytes = max_chunk_bytes
+        self._peer: PeerInfo | None = None
+        self._shm_broken = False  # set when a same-host segment could not be attached
+
+    async def handshake(self, *, refresh: bool = False, timeout: float | None = 10.0) -> PeerInfo:
+        """Compare layouts (IncompatibleLayoutError on mismatch); cached until `refresh`."""
+        if self._peer is not None and not refresh:
+            return self._peer
+        layout = self._local.layout
+        reply = await self._stub.Handshake(
+            kvtransfer_pb2.HandshakeRequest(
+                layout=wire.layout_to_pb(layout), compat_hash=layout.compat_hash()
+            ),
+            timeout=timeout,
+        )
+        remote = wire.layout_from_pb(reply.layout)
+        check_compatible(layout, remote, reply.compat_hash)
+        self._peer = PeerInfo(
+            reply.engine_id,
+            reply.epoch,
+            remote,
+            reply.compat_hash,
+            reply.host_id,
+            reply.shm_available,
+        )
+        log.info(
+            "kv handshake endpoint=%s engine_id=%s epoch=%d transport=%s",
+            self.endpoint,
+            reply.engine_id,
+            reply.epoch,
+            self._pick(self._peer),
+        )
+        return self._peer
+
+    async def pull(
+        self,
+        transfer_id: str,
+        epoch: int,
+        src_block_ids: list[int],
+        dst_block_ids: list[int],
+        *,
+        timeout: float | None = None,
+    ) -> PullResult:
+        """Copy the peer's pages of `src_block_ids` (all layers) into our `dst_block_ids`."""
+        if len(src_block_ids) != len(dst_block_ids):
+            raise ValueError("source and destination block lists differ in length")
+        peer = await self.handshake()
+        if peer.epoch != epoch:
+            peer = await self.handshake(refresh=True)
+        request = ReadRequest(
+            transfer_id, tuple(src_block_ids), (), epoch, peer.compat_hash, self._max_chunk_bytes
+        )
+        start = time.perf_counter()
+        transport = self._pick(peer)
+        if transport == "shm":
+            try:
+                pages = await self._read_shm(request)
+            except TransferError as exc:
+                if self._transport == "shm":
+                    raise
+                log.warning("kv shm unusable (%s), falling back to grpc", exc)
+                self._shm_broken, transport = True, "grpc"
+        if transport == "grpc":
+            pages = await self._read_grpc(request, timeout)
+        layers = list(range(self._local.layout.num_layers))
+        # The destination blocks must not be given back while this copy runs: finish it even
+        # when the caller is cancelled.
+        await _finish_even_if_cancelled(self._local.scatter, layers, dst_block_ids, pages)
+        return PullResult(transport, pages.numel(), time.perf_counter() - start)
+
+    async def extend(self, transfer_id: str, lease_ms: int) -> int:
+        reply = await self._stub.ExtendLease(
+            kvtransfer_pb2.ExtendLeaseRequest(transfer_id=transfer_id, lease_ms=lease_ms),
+            timeout=10,
+        )
+        return reply.lease_ms
+
+    async def release(self, transfer_id: str, *, timeout: float | None = 10.0) -> bool:
+        reply = await self._stub.Release(
+            kvtransfer_pb2.KVReleaseRequest(transfer_id=transfer_id), timeout=timeout
+        )
+        return reply.released
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _pick(self, peer: PeerInfo) -> str:
+        if self._transport != "auto":
+            return self._transport
+        same_host = peer.host_id == self._local_host_id and peer.shm_available
+        return "shm" if same_host and not self._shm_broken else "grpc"
+
+    async def _read_grpc(self, request: ReadRequest, timeout: float | None):
+        layers = list(range(self._local.layout.num_layers))
+        assembler = ChunkAssembler(layers, list(request.block_ids), self._local.layout.page_bytes)
+        call = self._stub.ReadBlocks(wire.read_request_to_pb(request), timeout=timeout)
+        try:
+            async for msg in call:
+                await asyncio.to_thread(assembler.add, wire.chunk_from_pb(msg))
+        except BaseException:
+            call.cancel()
+            raise
+        return assembler.finish()
+
+    async def _read_shm(self, request: ReadRequest):
+        reply = await self._stub.ReadBlocksShm(wire.read_request_to_pb(request), timeout=30)
+        info = wire.shm_from_pb(reply)
+        layout = self._local.layout
+        if list(info.block_ids) != list(request.block_ids) or list(info.layers) != list(
+            range(layout.num_layers)
+        ):
+            raise TransferError("shared-memory segment does not hold the requested pages")
+        expected = layout.num_layers * 2 * len(request.block_ids) * layout.page_bytes
+        flat = await asyncio.to_thread(read_segment, info, expected)
+        return flat.view(layout.num_layers, 2, len(request.block_ids), layout.page_bytes)
+
+
+async def _finish_even_if_cancelled(fn, *args) -> None:
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise

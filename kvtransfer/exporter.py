@@ -1,0 +1,127 @@
+"""The prefill side of a transfer: validates reads against leases and produces page bytes.
+
+Transport-neutral and protobuf-free; `service.py` puts it on gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kvtransfer.layout import IncompatibleLayoutError, KVLayout, check_compatible
+from kvtransfer.lease import Lease, LeaseError, LeaseTable
+from kvtransfer.pages import KVAddressError, PagedKV
+from kvtransfer.shm import ShmExporter, ShmSegmentInfo
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    engine_id: str
+    epoch: int  # changes on every start: handles from an earlier instance are void
+    host_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    transfer_id: str
+    block_ids: tuple[int, ...]
+    layers: tuple[int, ...]  # empty: all layers
+    epoch: int
+    compat_hash: str
+    max_chunk_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    layers: tuple[int, ...]
+    block_ids: tuple[int, ...]
+
+
+class StaleEpochError(LeaseError):
+    """The reader holds a handle from another instance of this worker."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShmAttachment:
+    """A shared-memory segment tied to a lease (dropped when the lease is freed)."""
+
+    name: str
+
+
+class KVExporter:
+    def __init__(
+        self,
+        paged: PagedKV,
+        leases: LeaseTable,
+        identity: WorkerIdentity,
+        shm: ShmExporter | None = None,
+    ) -> None:
+        self.paged = paged
+        self.leases = leases
+        self.identity = identity
+        self.shm = shm
+        self.compat_hash = paged.layout.compat_hash()
+
+    @property
+    def layout(self) -> KVLayout:
+        return self.paged.layout
+
+    def handshake(self, remote: KVLayout, remote_hash: str) -> None:
+        """Raise IncompatibleLayoutError when the caller's pages would not mean ours."""
+        check_compatible(self.layout, remote, remote_hash)
+
+    @contextlib.contextmanager
+    def open_read(self, request: ReadRequest) -> Iterator[ReadPlan]:
+        """Validate a read and pin its lease for the duration of the block."""
+        self._check_identity(request)
+        with self.leases.pinned(request.transfer_id) as lease:
+            yield self._plan(request, lease)
+
+    def layer_bytes(self, plan: ReadPlan, layer: int) -> memoryview:
+        """One layer's pages, ordered (kind, block), as bytes."""
+        pages = self.paged.gather([layer], list(plan.block_ids))  # (1, 2, nb, page_bytes)
+        return memoryview(pages.numpy()).cast("B")
+
+    def export_shm(self, request: ReadRequest) -> ShmSegmentInfo:
+        if self.shm is None:
+            raise KVAddressError("shared-memory transport is disabled on this worker")
+        with self.open_read(request) as plan:
+            pages = self.paged.gather(list(plan.layers), list(plan.block_ids))
+            info = self.shm.export(pages, list(plan.layers), list(plan.block_ids))
+            try:
+                self.leases.attach(request.transfer_id, ShmAttachment(info.name))
+            except LeaseError:
+                self.shm.drop(info.name)
+                raise
+        return info
+
+    def drop_attachments(self, lease: Lease) -> None:
+        """Free what a lease carries besides its blocks (call from the lease's on_free)."""
+        for item in lease.attachments:
+            if isinstance(item, ShmAttachment) and self.shm is not None:
+                self.shm.drop(item.name)
+        lease.attachments.clear()
+
+    def _check_identity(self, request: ReadRequest) -> None:
+        if request.epoch != self.identity.epoch:
+            raise StaleEpochError(
+                f"handle is from worker epoch {request.epoch}, this worker is epoch "
+                f"{self.identity.epoch} (restarted): prefill again"
+            )
+        if request.compat_hash != self.compat_hash:
+            raise IncompatibleLayoutError(
+                f"reader's compatibility hash {request.compat_hash!r} != {self.compat_hash!r}"
+            )
+
+    def _plan(self, request: ReadRequest, lease: Lease) -> ReadPlan:
+        layers = request.layers or tuple(range(self.layout.num_layers))
+        self.paged.check_layers(layers)
+        self.paged.check_blocks(request.block_ids)
+        held = set(lease.block_ids)
+        foreign = [b for b in request.block_ids if b not in held]
+        if foreign:
+            raise KVAddressError(
+                f"blocks {foreign[:8]} are not held by transfer {request.transfer_id!r}"
+            )
+        return ReadPlan(tuple(layers), tuple(request.block_ids))

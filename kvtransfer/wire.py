@@ -1,0 +1,149 @@
+"""protobuf <-> kvtransfer objects. The only kvtransfer module (with service.py and client.py)
+that sees protobuf."""
+
+from __future__ import annotations
+
+from kvtransfer.chunking import Chunk, PageSlice
+from kvtransfer.exporter import ReadRequest
+from kvtransfer.handle import KVHandle
+from kvtransfer.layout import KVLayout
+from kvtransfer.shm import ShmSegmentInfo
+from protos.pdserve.v1 import common_pb2, kvtransfer_pb2, worker_pb2
+
+
+def layout_to_pb(layout: KVLayout) -> kvtransfer_pb2.KVLayout:
+    return kvtransfer_pb2.KVLayout(
+        layout_version=layout.layout_version,
+        model_fingerprint=layout.model_fingerprint,
+        dtype=layout.dtype,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        block_size=layout.block_size,
+        num_blocks=layout.num_blocks,
+        page_bytes=layout.page_bytes,
+    )
+
+
+def layout_from_pb(msg: kvtransfer_pb2.KVLayout) -> KVLayout:
+    """Raises ValueError on a malformed layout."""
+    layout = KVLayout(
+        model_fingerprint=msg.model_fingerprint,
+        dtype=msg.dtype,
+        num_layers=msg.num_layers,
+        num_kv_heads=msg.num_kv_heads,
+        head_dim=msg.head_dim,
+        block_size=msg.block_size,
+        num_blocks=msg.num_blocks,
+        layout_version=msg.layout_version,
+    )
+    if msg.page_bytes != layout.page_bytes:
+        raise ValueError(
+            f"layout says page_bytes={msg.page_bytes}, its fields give {layout.page_bytes}"
+        )
+    return layout
+
+
+def read_request_from_pb(msg: kvtransfer_pb2.ReadBlocksRequest) -> ReadRequest:
+    return ReadRequest(
+        transfer_id=msg.transfer_id,
+        block_ids=tuple(msg.block_ids),
+        layers=tuple(msg.layers),
+        epoch=msg.epoch,
+        compat_hash=msg.compat_hash,
+        max_chunk_bytes=msg.max_chunk_bytes,
+    )
+
+
+def read_request_to_pb(req: ReadRequest) -> kvtransfer_pb2.ReadBlocksRequest:
+    return kvtransfer_pb2.ReadBlocksRequest(
+        transfer_id=req.transfer_id,
+        block_ids=req.block_ids,
+        layers=req.layers,
+        epoch=req.epoch,
+        compat_hash=req.compat_hash,
+        max_chunk_bytes=req.max_chunk_bytes,
+    )
+
+
+def chunk_to_pb(chunk: Chunk) -> kvtransfer_pb2.KVChunk:
+    return kvtransfer_pb2.KVChunk(
+        seq=chunk.seq,
+        slices=[
+            kvtransfer_pb2.PageSlice(
+                layer=s.layer, kind=s.kind, block_id=s.block_id, offset=s.offset, length=s.length
+            )
+            for s in chunk.slices
+        ],
+        data=chunk.data,
+        crc32=chunk.crc32,
+        total_bytes=chunk.total_bytes,
+    )
+
+
+def chunk_from_pb(msg: kvtransfer_pb2.KVChunk) -> Chunk:
+    slices = [PageSlice(s.layer, s.kind, s.block_id, s.offset, s.length) for s in msg.slices]
+    return Chunk(msg.seq, slices, msg.data, msg.crc32, msg.total_bytes)
+
+
+def shm_to_pb(info: ShmSegmentInfo) -> kvtransfer_pb2.ShmSegment:
+    return kvtransfer_pb2.ShmSegment(
+        name=info.name,
+        size=info.size,
+        layers=info.layers,
+        block_ids=info.block_ids,
+        crc32=info.crc32,
+    )
+
+
+def shm_from_pb(msg: kvtransfer_pb2.ShmSegment) -> ShmSegmentInfo:
+    return ShmSegmentInfo(msg.name, msg.size, tuple(msg.layers), tuple(msg.block_ids), msg.crc32)
+
+
+def handle_to_pb(handle: KVHandle) -> worker_pb2.KVHandle:
+    msg = worker_pb2.KVHandle(
+        engine_id=handle.engine_id,
+        epoch=handle.epoch,
+        kv_endpoint=handle.kv_endpoint,
+        transfer_id=handle.transfer_id,
+        block_ids=handle.block_ids,
+        num_tokens=handle.num_tokens,
+        first_token=handle.first_token,
+        first_logprob=handle.first_logprob or 0.0,
+        lease_ms=handle.lease_ms,
+        compat_hash=handle.compat_hash,
+        host_id=handle.host_id,
+    )
+    if handle.first_top_logprobs is not None:
+        msg.first_token_logprobs.CopyFrom(
+            token_logprobs_to_pb(handle.first_logprob or 0.0, handle.first_top_logprobs)
+        )
+    return msg
+
+
+def handle_from_pb(msg: worker_pb2.KVHandle) -> KVHandle:
+    """Raises ValueError on a malformed handle."""
+    top = None
+    if msg.HasField("first_token_logprobs"):
+        top = {lp.token_id: lp.logprob for lp in msg.first_token_logprobs.top_logprobs}
+    return KVHandle(
+        engine_id=msg.engine_id,
+        epoch=msg.epoch,
+        kv_endpoint=msg.kv_endpoint,
+        transfer_id=msg.transfer_id,
+        block_ids=tuple(msg.block_ids),
+        num_tokens=msg.num_tokens,
+        first_token=msg.first_token,
+        first_logprob=msg.first_logprob,
+        first_top_logprobs=top,
+        lease_ms=msg.lease_ms,
+        compat_hash=msg.compat_hash,
+        host_id=msg.host_id,
+    )
+
+
+def token_logprobs_to_pb(logprob: float, top: dict[int, float]) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(
+        logprob=logprob,
+        top_logprobs=[common_pb2.Logprob(token_id=t, logprob=lp) for t, lp in top.items()],
+    )
