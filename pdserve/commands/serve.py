@@ -1,0 +1,128 @@
+"""`pdserve serve`: a local cluster (prefill + decode workers and a gateway) on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from engine.cli_args import add_engine_args
+from pdserve.launcher import (
+    DECODE_PORT,
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HTTP_PORT,
+    PREFILL_PORT,
+    ClusterOptions,
+    RunOptions,
+    plan_cluster,
+    run_cluster,
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)  # passed on to every worker
+    g = p.add_argument_group("cluster")
+    g.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    g.add_argument("--port", type=int, default=GATEWAY_HTTP_PORT, help="gateway HTTP port")
+    g.add_argument("--grpc-port", type=int, default=GATEWAY_GRPC_PORT, help="gateway gRPC port")
+    g.add_argument("--num-prefill", type=int, default=1)
+    g.add_argument("--num-decode", type=int, default=1)
+    g.add_argument("--aggregated", action="store_true",
+                   help="no prefill workers: decode workers prefill locally")  # fmt: skip
+    g.add_argument("--prefill-port", type=int, default=PREFILL_PORT, help="first prefill port")
+    g.add_argument("--decode-port", type=int, default=DECODE_PORT, help="first decode port")
+    g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to get healthy")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds each stage gets to exit after SIGTERM before SIGKILL")  # fmt: skip
+    g.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    gw = p.add_argument_group("gateway")
+    gw.add_argument("--served-model-name", default=None)
+    gw.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    gw.add_argument("--chat-template", default=None, help="a template file or the template text")
+
+
+def engine_flag_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags the user changed, spelled for a child command line (model excluded)."""
+    reference = argparse.ArgumentParser(add_help=False)
+    add_engine_args(reference)
+    argv: list[str] = []
+    for action in reference._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest == "model" or value == action.default:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(action.option_strings[0 if value else 1])  # --x / --no-x
+        elif action.nargs == 0:
+            argv.append(action.option_strings[0])
+        else:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
+    argv: list[str] = []
+    for flag, value in (
+        ("--served-model-name", args.served_model_name),
+        ("--api-key", args.api_key),
+        ("--chat-template", args.chat_template),
+        ("--max-model-len", args.max_model_len),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def resolve_model(model: str | None) -> Path:
+    """The HF folder every child gets (the default model is converted here, once)."""
+    from engine.default_model import resolve_model as resolve
+
+    return resolve(model)
+
+
+def cluster_options(args: argparse.Namespace, model: Path) -> ClusterOptions:
+    return ClusterOptions(
+        model=str(model),
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        num_prefill=args.num_prefill,
+        num_decode=args.num_decode,
+        aggregated=args.aggregated,
+        prefill_port=args.prefill_port,
+        decode_port=args.decode_port,
+        log_level=args.log_level,
+        worker_args=tuple(engine_flag_argv(args)),
+        gateway_args=tuple(gateway_flag_argv(args)),
+    )
+
+
+def banner(opts: ClusterOptions, served_name: str, api_key: str | None) -> str:
+    request = {"model": served_name, "prompt": "The capital of France is", "max_tokens": 16}
+    body = json.dumps(request)
+    auth = " -H 'Authorization: Bearer <your --api-key>'" if api_key else ""
+    mode = "aggregated" if opts.aggregated else f"{len(opts.prefill_ports)}P+{opts.num_decode}D"
+    return (
+        f"ready ({mode}): OpenAI API at {opts.base_url}/v1, model {served_name!r}\n"
+        f"  curl {opts.base_url}/v1/completions -H 'Content-Type: application/json'{auth}"
+        f" -d {shlex.quote(body)}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model = resolve_model(args.model)
+        opts = cluster_options(args, model)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"pdserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    served = args.served_model_name or model.name
+    run_opts = RunOptions(
+        ready_timeout_s=args.ready_timeout,
+        grace_s=args.drain_timeout,
+        banner=banner(opts, served, args.api_key),
+    )
+    return run_cluster(plan_cluster(opts), run_opts)
