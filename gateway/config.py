@@ -1,0 +1,67 @@
+"""Gateway configuration: one dataclass, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_LOGPROBS = 20  # the engine's cap on top-N logprobs
+
+
+@dataclass(slots=True, frozen=True)
+class GatewayConfig:
+    model_path: Path  # HF folder: tokenizer.json, tokenizer_config.json, config.json
+    prefill_addresses: tuple[str, ...] = ()
+    decode_addresses: tuple[str, ...] = ()
+    served_model_name: str = ""  # "" : the model folder's name
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int | None = 50051  # None: no gRPC front door
+    api_key: str | None = None  # Bearer token required on /v1/* when set
+    chat_template: str | None = None  # a template file or the template text
+    max_model_len: int | None = None  # None: min(model's max positions, 4096), the engine's
+    max_pending: int = 256  # requests in flight before new ones get 429/RESOURCE_EXHAUSTED
+    min_prefill_tokens: int = 16  # shorter prompts are prefilled on the decode worker
+    max_n: int = 16
+    max_stop_strings: int = 16
+    max_body_bytes: int = 8 * 2**20  # larger HTTP bodies get 413
+    prefill_timeout_s: float = 300.0  # deadline of one Prefill call
+    request_timeout_s: float = 3600.0  # deadline of a whole request (every hop within it)
+    control_timeout_s: float = 5.0  # Abort, Release, GetLoad
+    load_interval_s: float = 1.0  # how often workers are asked for their load
+    retry_after_s: int = 1  # Retry-After on 429
+
+    def __post_init__(self) -> None:
+        if not self.decode_addresses:
+            raise ValueError("at least one decode worker address is required (--decode)")
+        for address in (*self.prefill_addresses, *self.decode_addresses):
+            if ":" not in address or not address.rsplit(":", 1)[1].isdigit():
+                raise ValueError(f"worker address must be HOST:PORT, got {address!r}")
+        if len(set(self.prefill_addresses)) != len(self.prefill_addresses):
+            raise ValueError("--prefill lists an address twice")
+        if len(set(self.decode_addresses)) != len(self.decode_addresses):
+            raise ValueError("--decode lists an address twice")
+        self._check_positive()
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (omit it to disable auth)")
+
+    def _check_positive(self) -> None:
+        for name in ("max_pending", "max_n", "max_stop_strings", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("prefill_timeout_s", "request_timeout_s", "control_timeout_s",
+                     "load_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.min_prefill_tokens < 0:
+            raise ValueError(f"min_prefill_tokens must be >= 0, got {self.min_prefill_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        for name in ("http_port", "grpc_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {port}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_path.name

@@ -1,0 +1,148 @@
+"""The gateway core: admission, tokenization, validation, and one `RequestRun` per request.
+
+Transport-neutral: the gRPC servicer and the OpenAI routes both call `GatewayCore.open()` and
+iterate the run. `open()` does everything that can fail cheaply and synchronously (so the HTTP
+layer can still answer with a status code): the bounded-queue check first, before any
+tokenizing, then health, parameters, the prompt and the context length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from gateway.config import MAX_LOGPROBS, GatewayConfig
+from gateway.dispatch import DispatchSettings
+from gateway.errors import ErrorKind, GatewayError, invalid
+from gateway.metrics import GatewayMetrics
+from gateway.request_run import RequestRun
+from gateway.schema import ChatPrompt, GenerateRequest, Prompt, TextPrompt, TokenPrompt
+from gateway.tokenizer import ChatTemplateError, GatewayTokenizer
+from gateway.validation import (
+    Limits,
+    check_text,
+    check_token_ids,
+    resolve_max_tokens,
+    validate_params,
+)
+from gateway.worker_pool import DECODE, WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class GatewayCore:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        tokenizer: GatewayTokenizer,
+        pool: WorkerPool,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.metrics = metrics
+        self.max_model_len = config.max_model_len or tokenizer.default_max_model_len()
+        self.limits = Limits(
+            vocab_size=tokenizer.vocab_size,
+            max_model_len=self.max_model_len,
+            max_n=config.max_n,
+            max_logprobs=MAX_LOGPROBS,
+            max_stop_strings=config.max_stop_strings,
+        )
+        self.dispatch_settings = DispatchSettings(
+            min_prefill_tokens=config.min_prefill_tokens,
+            prefill_timeout_s=config.prefill_timeout_s,
+            control_timeout_s=config.control_timeout_s,
+        )
+        self._runs: dict[str, RequestRun] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._runs)
+
+    def open(self, request: GenerateRequest) -> RequestRun:
+        """Admit, tokenize and check one request; raises GatewayError before anything runs."""
+        if len(self._runs) >= self.config.max_pending:
+            self.metrics.failure.labels(ErrorKind.OVERLOADED.value).inc()
+            raise GatewayError(
+                ErrorKind.OVERLOADED,
+                f"the server is busy ({len(self._runs)} requests in flight); retry later",
+            )
+        if not self.pool.healthy(DECODE):
+            raise GatewayError(ErrorKind.UNAVAILABLE, "no healthy decode worker")
+        request_id = self._new_request_id(request.request_id)
+        validate_params(request.params, self.limits)
+        prompt_ids = self.tokenize(request.prompt)
+        max_tokens = resolve_max_tokens(
+            len(prompt_ids), request.params.max_tokens, self.max_model_len
+        )
+        timeout = self.config.request_timeout_s
+        if request.timeout_s is not None:
+            timeout = min(timeout, request.timeout_s)
+        run = RequestRun(self, request_id, prompt_ids, request.params, max_tokens,
+                         deadline=time.monotonic() + timeout)
+        self._runs[request_id] = run
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        return run
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request in flight (its stream ends with finish reason "abort")."""
+        run = self._runs.get(request_id)
+        if run is None:
+            return False
+        run.abort()
+        return True
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Prompt -> token ids, checked: valid text, known ids, not empty."""
+        if isinstance(prompt, TokenPrompt):
+            ids = list(prompt.token_ids)
+            check_token_ids(ids, self.tokenizer.vocab_size, "prompt")
+        elif isinstance(prompt, TextPrompt):
+            check_text(prompt.text, "prompt")
+            ids = self.tokenizer.encode(prompt.text, prompt.add_special_tokens) if prompt.text else []
+        else:
+            ids = self.tokenizer.encode(self.render_chat(prompt), add_special_tokens=False)
+        if not ids:
+            raise invalid("the prompt is empty", "prompt" if not isinstance(prompt, ChatPrompt)
+                          else "messages")
+        return ids
+
+    def render_chat(self, prompt: ChatPrompt) -> str:
+        if not prompt.messages:
+            raise invalid("messages must not be empty", "messages")
+        for message in prompt.messages:
+            check_text(message.content, "messages")
+            check_text(message.role, "messages")
+        try:
+            return self.tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt)
+        except ChatTemplateError as exc:
+            raise invalid(str(exc), "messages") from exc
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a clean-up call in the background; it survives the request's cancellation."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain_background(self) -> None:
+        """Wait for clean-up calls still in flight (used at shutdown and by tests)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def forget(self, run: RequestRun) -> None:
+        self._runs.pop(run.request_id, None)
+
+    def _new_request_id(self, wanted: str | None) -> str:
+        if not wanted:
+            return f"req-{uuid.uuid4().hex}"
+        check_text(wanted, "request_id")
+        if wanted in self._runs:
+            raise invalid(f"request_id {wanted!r} is already in flight", "request_id")
+        return wanted

@@ -1,0 +1,78 @@
+"""Prometheus metrics: measured at the gateway, plus the workers' load reports at scrape time.
+
+Names follow vLLM's under the `pdserve:` prefix (see docs/internals.md). Each gateway has its
+own registry, so tests can run several side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.worker_pool import WorkerPool
+
+_LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0)
+
+
+class GatewayMetrics:
+    def __init__(self, pool: WorkerPool) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("pdserve:inter_token_latency_seconds", "Time between tokens.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "Request latency.",
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens.", registry=r)
+        self.generation_tokens = Counter("pdserve:generation_tokens", "Generated tokens.",
+                                         registry=r)
+        self.success = Counter("pdserve:request_success", "Finished choices by reason.",
+                               ["finished_reason"], registry=r)
+        self.failure = Counter("pdserve:request_failure", "Requests that failed, by error type.",
+                               ["error"], registry=r)
+        self.disaggregated = Counter("pdserve:disaggregated_requests",
+                                     "Choices by where the prompt was prefilled.",
+                                     ["prefill"], registry=r)
+        r.register(_WorkerCollector(pool))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _WorkerCollector(Collector):
+    """Per-worker gauges from the latest load report, read when Prometheus scrapes."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["role", "worker"]
+        running = GaugeMetricFamily("pdserve:num_requests_running", "Running on workers.",
+                                    labels=labels)
+        waiting = GaugeMetricFamily("pdserve:num_requests_waiting", "Waiting on workers.",
+                                    labels=labels)
+        usage = GaugeMetricFamily("pdserve:kv_cache_usage_perc", "KV cache usage (0-1).",
+                                  labels=labels)
+        healthy = GaugeMetricFamily("pdserve:worker_healthy", "1 when the worker is healthy.",
+                                    labels=labels)
+        preemptions = CounterMetricFamily("pdserve:num_preemptions", "Preemptions on workers.",
+                                          labels=labels)
+        for w in self._pool.workers:
+            key = [w.role, w.address]
+            healthy.add_metric(key, 1.0 if w.healthy else 0.0)
+            if w.load is None:
+                continue
+            running.add_metric(key, w.load.num_running)
+            waiting.add_metric(key, w.load.num_waiting)
+            usage.add_metric(key, w.load.kv_cache_usage)
+            preemptions.add_metric(key, w.load.num_preemptions)
+        yield from (running, waiting, usage, healthy, preemptions)

@@ -1,0 +1,1 @@
+"""OpenAI-compatible REST routes on top of the gateway core."""

@@ -1,0 +1,107 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from gateway.core import GatewayCore
+from gateway.errors import invalid
+from gateway.openai.choices import ChoiceResult, collect, usage_body
+from gateway.openai.common import ResponseMeta, check_model, open_runs
+from gateway.openai.logprobs import completion_logprobs
+from gateway.openai.protocol import CompletionRequest
+from gateway.openai.streaming import DONE, merged, sse, start_sse, unless_disconnected
+from gateway.request_run import RequestRun
+from gateway.schema import GenerateRequest, Prompt, TextPrompt, TokenPrompt
+
+
+async def create_completion(core: GatewayCore, body: CompletionRequest, request: Request) -> Response:
+    check_model(core, body.model)
+    params = body.to_params()
+    prompts = _prompts(body.prompt)
+    runs = open_runs(core, [GenerateRequest(p, params) for p in prompts])
+    meta = ResponseMeta.new("cmpl", core.config.model_name)
+    echoes = [_echo_text(core, p, r) if body.echo else "" for p, r in zip(prompts, runs, strict=True)]
+    if body.stream:
+        events = _events(core, meta, runs, echoes, body.include_usage)
+        return await start_sse(request, events)
+    results = await unless_disconnected(request, collect(merged(runs), params.n, len(runs)))
+    return JSONResponse(_response_body(core, meta, runs, echoes, results))
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    if isinstance(prompt, str):
+        return [TextPrompt(prompt)]
+    if not prompt:
+        raise invalid("prompt must not be empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [TokenPrompt(tuple(prompt))]  # type: ignore[arg-type]
+    if all(isinstance(p, str) for p in prompt):
+        return [TextPrompt(p) for p in prompt]  # type: ignore[misc]
+    return [TokenPrompt(tuple(p)) for p in prompt]  # type: ignore[arg-type]
+
+
+def _echo_text(core: GatewayCore, prompt: Prompt, run: RequestRun) -> str:
+    if isinstance(prompt, TextPrompt):
+        return prompt.text
+    return core.tokenizer.decode(run.prompt_ids, skip_special_tokens=False)
+
+
+def _choice_body(core: GatewayCore, c: ChoiceResult, echo: str, logprobs: bool) -> dict[str, Any]:
+    return {
+        "index": c.index,
+        "text": echo + c.text,
+        "logprobs": completion_logprobs(core.tokenizer, c.logprobs, len(echo)) if logprobs else None,
+        "finish_reason": c.finish_reason,
+        "stop_reason": c.stop_reason,
+    }
+
+
+def _response_body(
+    core: GatewayCore,
+    meta: ResponseMeta,
+    runs: Sequence[RequestRun],
+    echoes: Sequence[str],
+    results: Sequence[ChoiceResult],
+) -> dict[str, Any]:
+    n = runs[0].params.n
+    logprobs = runs[0].params.logprobs is not None
+    choices = [_choice_body(core, c, echoes[c.index // n], logprobs) for c in results]
+    return {"id": meta.id, "object": "text_completion", "created": meta.created,
+            "model": meta.model, "choices": choices, "usage": usage_body(runs)}
+
+
+async def _events(
+    core: GatewayCore,
+    meta: ResponseMeta,
+    runs: Sequence[RequestRun],
+    echoes: Sequence[str],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    n = runs[0].params.n
+    want_logprobs = runs[0].params.logprobs is not None
+    offsets: dict[int, int] = {}  # choice index -> characters sent so far
+    head = {"id": meta.id, "object": "text_completion", "created": meta.created,
+            "model": meta.model}
+    async for run_index, delta in merged(runs):
+        index = run_index * n + delta.index
+        text = delta.text
+        if index not in offsets:
+            text = echoes[run_index] + text
+            offsets[index] = len(echoes[run_index])
+        if not (text or delta.finish_reason or (want_logprobs and delta.token_ids)):
+            continue
+        logprobs = None
+        if want_logprobs:
+            logprobs = completion_logprobs(core.tokenizer, delta.logprobs or (), offsets[index])
+        offsets[index] += len(delta.text)
+        choice = {"index": index, "text": text, "logprobs": logprobs,
+                  "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
+        yield sse({**head, "choices": [choice], "usage": None})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage_body(runs)})
+    yield DONE

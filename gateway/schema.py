@@ -1,0 +1,98 @@
+"""Typed requests and outputs of the gateway core (no protobuf, no HTTP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(slots=True, frozen=True)
+class GenerationParams:
+    """Per-request generation parameters, vLLM field names and defaults."""
+
+    max_tokens: int | None = 16  # None: up to the context length
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # <= 0: disabled
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # with n > 1, choice i samples with seed + i
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-N per token; 0: only the sampled token's logprob
+    skip_special_tokens: bool = True
+    n: int = 1
+    logit_bias: dict[int, float] = field(default_factory=dict)  # refused when non-empty
+
+
+@dataclass(slots=True, frozen=True)
+class TextPrompt:
+    text: str
+    add_special_tokens: bool = True
+
+
+@dataclass(slots=True, frozen=True)
+class TokenPrompt:
+    token_ids: tuple[int, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(slots=True, frozen=True)
+class ChatPrompt:
+    messages: tuple[ChatMessage, ...]
+    add_generation_prompt: bool = True
+
+
+Prompt = TextPrompt | TokenPrompt | ChatPrompt
+
+
+@dataclass(slots=True, frozen=True)
+class GenerateRequest:
+    prompt: Prompt
+    params: GenerationParams = field(default_factory=GenerationParams)
+    request_id: str | None = None  # None: the gateway makes one
+    timeout_s: float | None = None  # the client's deadline, if it set one
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    """Logprob of one sampled token plus the top-N alternatives (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    """What one choice gained: new tokens, the text they complete, and maybe its end."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

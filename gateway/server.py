@@ -1,0 +1,87 @@
+"""One gateway process: the worker pool and its poller, the gRPC server and the HTTP server,
+all on one asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import uvicorn
+
+from gateway.config import GatewayConfig
+from gateway.core import GatewayCore
+from gateway.grpc_service import start_grpc_server
+from gateway.metrics import GatewayMetrics
+from gateway.openai.app import build_app
+from gateway.tokenizer import GatewayTokenizer
+from gateway.worker_pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class GatewayServer:
+    """`await start()`, then `await wait()` (returns on SIGINT/SIGTERM) or `await stop()`."""
+
+    def __init__(self, config: GatewayConfig, log_level: str = "info") -> None:
+        self.config = config
+        tokenizer = GatewayTokenizer(config.model_path, config.chat_template)
+        self.pool = WorkerPool(
+            config.prefill_addresses, config.decode_addresses, config.control_timeout_s
+        )
+        self.core = GatewayCore(config, tokenizer, self.pool, GatewayMetrics(self.pool))
+        self.app = build_app(self.core)
+        self._log_level = log_level
+        self._uvicorn: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+
+    async def start(self) -> None:
+        await self.pool.poll_once()
+        self._poller = asyncio.create_task(self.pool.run_polling(self.config.load_interval_s))
+        if self.config.grpc_port is not None:
+            self._grpc, self.grpc_port = await start_grpc_server(
+                self.core, self.config.host, self.config.grpc_port
+            )
+        await self._start_http()
+        log.info("gateway serving %s: HTTP %s:%s, gRPC port %s", self.config.model_name,
+                 self.config.host, self.http_port, self.grpc_port)
+
+    async def _start_http(self) -> None:
+        config = uvicorn.Config(self.app, host=self.config.host, port=self.config.http_port,
+                                log_level=self._log_level, lifespan="off",
+                                timeout_graceful_shutdown=5)
+        self._uvicorn = uvicorn.Server(config)
+        self._http_task = asyncio.create_task(self._uvicorn.serve())
+        while not self._uvicorn.started:
+            if self._http_task.done():
+                await self._http_task  # raises what stopped it
+                raise OSError(f"the HTTP server did not start on port {self.config.http_port}")
+            await asyncio.sleep(0.02)
+        self.http_port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+
+    async def wait(self) -> None:
+        if self._http_task is not None:
+            await self._http_task
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None and self._http_task is not None:
+            self._uvicorn.should_exit = True
+            await self._http_task
+        if self._grpc is not None:
+            await self._grpc.stop(grace=2)
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.core.drain_background()
+        await self.pool.close()
+        self._uvicorn = self._http_task = self._grpc = self._poller = None
+
+
+async def serve(config: GatewayConfig, log_level: str = "info") -> None:
+    server = GatewayServer(config, log_level)
+    await server.start()
+    await server.wait()

@@ -1,0 +1,215 @@
+"""Typed asyncio client for one worker (PrefillService or DecodeService).
+
+Protobuf stops here: the rest of the gateway sees dataclasses. The prefill worker's KV handle is
+carried as an opaque `KVLease` and handed to the decode worker unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from gateway.schema import FinishReason, GenerationParams, TokenLogprob
+from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+_FINISH: dict[int, FinishReason] = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 2**20),
+    ("grpc.max_send_message_length", 64 * 2**20),
+]
+
+
+class WorkerRpcError(Exception):
+    """A worker call failed with a gRPC status."""
+
+    def __init__(self, address: str, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method} on {address} failed: {code.name}: {details}")
+        self.address = address
+        self.method = method
+        self.code = code
+        self.details = details
+
+
+@dataclass(slots=True, frozen=True)
+class LoadSnapshot:
+    """A worker's LoadReport."""
+
+    engine_id: str
+    epoch: int
+    role: str
+    num_running: int
+    num_waiting: int
+    queue_depth: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int
+    serving: bool
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingRequest:
+    """What a worker samples with: the request's parameters, resolved for one choice."""
+
+    params: GenerationParams
+    max_tokens: int  # resolved: never None on the wire
+    seed: int | None
+
+
+@dataclass(slots=True, frozen=True)
+class KVLease:
+    """A prefill worker's answer: the KV handle (opaque here) and the prompt's cache hits."""
+
+    transfer_id: str
+    handle: Any  # worker_pb2.KVHandle, passed to Decode untouched
+    cached_tokens: int
+
+
+@dataclass(slots=True, frozen=True)
+class DecodeChunk:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: FinishReason | None
+    cached_tokens: int | None  # from the last chunk's usage
+
+
+class DecodeCall:
+    """An open Decode stream; `cancel()` ends it (the worker aborts the request)."""
+
+    def __init__(self, address: str, call: Any) -> None:
+        self._address = address
+        self._call = call
+
+    async def chunks(self) -> AsyncIterator[DecodeChunk]:
+        try:
+            async for message in self._call:
+                yield _decode_chunk(message)
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerRpcError(self._address, "Decode", exc.code(), exc.details() or "") from exc
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class WorkerClient:
+    """One channel to one worker; every call takes a deadline."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._prefill = worker_pb2_grpc.PrefillServiceStub(self._channel)
+        self._decode = worker_pb2_grpc.DecodeServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def get_load(self, role: str, timeout: float) -> LoadSnapshot:
+        stub = self._prefill if role == "prefill" else self._decode
+        report = await self._unary("GetLoad", stub.GetLoad, common_pb2.GetLoadRequest(), timeout)
+        return _load_snapshot(report)
+
+    async def prefill(
+        self,
+        transfer_id: str,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingRequest,
+        timeout: float,
+    ) -> KVLease:
+        request = worker_pb2.PrefillRequest(
+            transfer_id=transfer_id,
+            prompt_token_ids=prompt_ids,
+            sampling=_sampling_message(sampling),
+            request_id=request_id,
+        )
+        response = await self._unary("Prefill", self._prefill.Prefill, request, timeout)
+        return KVLease(transfer_id, response.handle, response.usage.cached_prompt_tokens)
+
+    async def release(self, transfer_id: str, timeout: float) -> bool:
+        request = worker_pb2.ReleaseRequest(transfer_id=transfer_id)
+        return (await self._unary("Release", self._prefill.Release, request, timeout)).released
+
+    def decode(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingRequest,
+        lease: KVLease | None,
+        timeout: float,
+    ) -> DecodeCall:
+        request = worker_pb2.DecodeRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=_sampling_message(sampling),
+        )
+        if lease is not None:
+            request.kv_handle.CopyFrom(lease.handle)
+        return DecodeCall(self.address, self._decode.Decode(request, timeout=timeout))
+
+    async def abort(self, request_id: str, timeout: float) -> bool:
+        request = worker_pb2.AbortRequest(request_id=request_id)
+        return (await self._unary("Abort", self._decode.Abort, request, timeout)).aborted
+
+    async def _unary(self, method: str, rpc: Any, request: Any, timeout: float) -> Any:
+        try:
+            return await rpc(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerRpcError(self.address, method, exc.code(), exc.details() or "") from exc
+
+
+def _sampling_message(sampling: SamplingRequest) -> common_pb2.SamplingParams:
+    p = sampling.params
+    message = common_pb2.SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        max_tokens=sampling.max_tokens,
+        min_tokens=p.min_tokens,
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+    )
+    if sampling.seed is not None:
+        message.seed = sampling.seed
+    if p.logprobs is not None:
+        message.logprobs = p.logprobs
+    return message
+
+
+def _decode_chunk(message: Any) -> DecodeChunk:
+    token_ids = list(message.token_ids)
+    logprobs = None
+    if len(message.logprobs):
+        logprobs = [
+            TokenLogprob(tid, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top_logprobs))
+            for tid, lp in zip(token_ids, message.logprobs, strict=False)
+        ]
+    finish = _FINISH.get(message.finish_reason)
+    cached = message.usage.cached_prompt_tokens if message.HasField("usage") else None
+    return DecodeChunk(token_ids, logprobs, finish, cached)
+
+
+def _load_snapshot(report: Any) -> LoadSnapshot:
+    return LoadSnapshot(
+        engine_id=report.engine_id,
+        epoch=report.epoch,
+        role=report.role,
+        num_running=report.num_running,
+        num_waiting=report.num_waiting,
+        queue_depth=report.queue_depth,
+        kv_cache_usage=report.kv_cache_usage,
+        num_free_blocks=report.num_free_blocks,
+        num_blocks=report.num_blocks,
+        num_preemptions=report.num_preemptions,
+        serving=report.serving,
+    )
