@@ -75,7 +75,8 @@ class ClusterOptions:
     aggregated: bool = False  # no prefill workers: decode workers prefill locally
     prefill_port: int = PREFILL_PORT
     decode_port: int = DECODE_PORT
-    log_level: str = "info"
+    log_level: str = "info"  # as the children spell it (see `pdserve serve`)
+    drain_timeout_s: float = 30.0  # each child's own drain; the launcher waits a little longer
     worker_args: tuple[str, ...] = ()  # engine flags, passed to every worker
     gateway_args: tuple[str, ...] = ()  # e.g. --served-model-name, --api-key, --chat-template
     python: str = sys.executable
@@ -115,11 +116,13 @@ def pdserve_argv(python: str, command: str, *args: str) -> tuple[str, ...]:
 
 
 def _worker(opts: ClusterOptions, role: str, index: int, port: int) -> ChildSpec:
+    name = f"{role}-{index}"
     argv = pdserve_argv(
-        opts.python, role, "--port", str(port), "--model", opts.model,
-        "--log-level", opts.log_level, *opts.worker_args,
+        opts.python, role, "--port", str(port), "--model", opts.model, "--engine-id", name,
+        "--log-level", opts.log_level, "--drain-timeout", f"{opts.drain_timeout_s:g}",
+        *opts.worker_args,
     )  # fmt: skip
-    return ChildSpec(f"{role}-{index}", argv, Probe(f"grpc://{LOOPBACK}:{port}"))
+    return ChildSpec(name, argv, Probe(f"grpc://{LOOPBACK}:{port}"))
 
 
 def _gateway(opts: ClusterOptions) -> ChildSpec:
@@ -190,6 +193,17 @@ def probe(target: Probe | str) -> bool:
     if scheme == "tcp":
         return probe_tcp(rest)
     raise ValueError(f"unknown probe scheme in {url!r}")
+
+
+def resolve_all(address: str) -> list[str]:
+    """'decode:50071' -> every IPv4 address the name has, as 'IP:PORT', sorted.
+
+    With `docker compose up --scale decode=2` the service name resolves to every replica, so the
+    gateway gets one address per replica.
+    """
+    host, port = _host_port(address)
+    infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    return sorted({f"{info[4][0]}:{port}" for info in infos})
 
 
 # --------------------------------------------------------------------------- children
@@ -455,13 +469,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("argv", nargs=argparse.REMAINDER)
     p = sub.add_parser("probe", help="exit 0 when a http(s)://, grpc:// or tcp:// probe passes")
     p.add_argument("target")
+    r = sub.add_parser("resolve", help="print HOST:PORT as a comma list of all its IP:PORT")
+    r.add_argument("address")
     args = parser.parse_args(argv)
     if args.cmd == "probe":
         return 0 if probe(args.target) else 1
+    if args.cmd == "resolve":
+        return _print_resolved(args.address)
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
         parser.error("watch needs a command after --")
     return watch(args.parent, args.grace, command)
+
+
+def _print_resolved(address: str) -> int:
+    try:
+        print(",".join(resolve_all(address)))
+    except (OSError, ValueError) as exc:
+        print(f"cannot resolve {address}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

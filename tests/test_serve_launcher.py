@@ -236,9 +236,10 @@ def test_plan_passes_engine_flags_to_workers_and_addresses_to_the_gateway() -> N
     for spec, port in zip(specs[:4], (50061, 50062, 50071, 50072), strict=True):
         role = spec.role.split("-")[0]
         assert spec.argv[1:4] == ("-m", "pdserve.cli", role)
-        assert spec.argv[4:10] == ("--port", str(port), "--model", "/models/tiny-llama",
-                                   "--log-level", "debug")  # fmt: skip
-        assert sorted(spec.argv[10:]) == sorted(engine)
+        assert spec.argv[4:14] == ("--port", str(port), "--model", "/models/tiny-llama",
+                                   "--engine-id", spec.role, "--log-level", "DEBUG",
+                                   "--drain-timeout", "30")  # fmt: skip
+        assert sorted(spec.argv[14:]) == sorted(engine)
         assert spec.probe.target == f"grpc://127.0.0.1:{port}"
     gw = specs[-1].argv
     flag = {gw[i]: gw[i + 1] for i in range(4, len(gw) - 1, 2)}
@@ -289,3 +290,11 @@ def test_banner_has_the_base_url_and_a_curl_example() -> None:
     assert "http://127.0.0.1:8123/v1" in text
     assert "curl http://127.0.0.1:8123/v1/completions" in text and '"model": "tiny"' in text
     assert "secret" not in text and "Authorization: Bearer" in text
+
+
+def test_resolve_lists_every_address_of_a_name() -> None:
+    run = [sys.executable, "-I", str(LAUNCHER), "resolve"]
+    done = subprocess.run([*run, "localhost:50071"], capture_output=True, text=True)
+    assert done.returncode == 0 and "127.0.0.1:50071" in done.stdout.strip().split(",")
+    bad = subprocess.run([*run, "no-such-host.invalid:1"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "cannot resolve" in bad.stderr

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from engine.cli_args import add_engine_args
+from pdserve.commands.convert import add_cache_dir_arg
 from pdserve.launcher import (
     DECODE_PORT,
     GATEWAY_GRPC_PORT,
@@ -20,7 +21,8 @@ from pdserve.launcher import (
     run_cluster,
 )
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # as the children spell them
+DRAIN_MARGIN_S = 5.0  # extra wait past a child's own drain timeout before SIGKILL
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -37,8 +39,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-port", type=int, default=DECODE_PORT, help="first decode port")
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to get healthy")
     g.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds each stage gets to exit after SIGTERM before SIGKILL")  # fmt: skip
-    g.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+                   help="seconds each child may drain after SIGTERM (then SIGKILL)")  # fmt: skip
+    add_cache_dir_arg(g)
+    g.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     gw = p.add_argument_group("gateway")
     gw.add_argument("--served-model-name", default=None)
     gw.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -76,11 +79,11 @@ def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def resolve_model(model: str | None) -> Path:
+def resolve_model(model: str | None, cache_dir: str | None) -> Path:
     """The HF folder every child gets (the default model is converted here, once)."""
     from engine.default_model import resolve_model as resolve
 
-    return resolve(model)
+    return resolve(model, cache_dir)
 
 
 def cluster_options(args: argparse.Namespace, model: Path) -> ClusterOptions:
@@ -95,6 +98,7 @@ def cluster_options(args: argparse.Namespace, model: Path) -> ClusterOptions:
         prefill_port=args.prefill_port,
         decode_port=args.decode_port,
         log_level=args.log_level,
+        drain_timeout_s=args.drain_timeout,
         worker_args=tuple(engine_flag_argv(args)),
         gateway_args=tuple(gateway_flag_argv(args)),
     )
@@ -114,7 +118,7 @@ def banner(opts: ClusterOptions, served_name: str, api_key: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        model = resolve_model(args.model)
+        model = resolve_model(args.model, args.cache_dir)
         opts = cluster_options(args, model)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pdserve serve: error: {exc}", file=sys.stderr)
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     served = args.served_model_name or model.name
     run_opts = RunOptions(
         ready_timeout_s=args.ready_timeout,
-        grace_s=args.drain_timeout,
+        grace_s=args.drain_timeout + DRAIN_MARGIN_S,
         banner=banner(opts, served, args.api_key),
     )
     return run_cluster(plan_cluster(opts), run_opts)
