@@ -1,0 +1,178 @@
+"""Bringing a prompt's KV from a prefill worker into the local pool.
+
+    reserve_import -> pull the blocks not already cached here -> release the lease on P
+                   -> commit_import (the request joins the running batch with its first token)
+
+Invariant: the reserved blocks are written only while reserved, and given back (abort) only
+once no thread writes them any more -- a cancelled pull waits for its copy in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from engine.engine_loop import EngineLoop, RequestStream
+from engine.sampling_params import SamplingParams
+from kvtransfer.client import KVTransferClient, PullResult
+from kvtransfer.handle import KVHandle
+from kvtransfer.layout import IncompatibleLayoutError
+from kvtransfer.pages import PagedKV
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportCall:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    handle: KVHandle
+    deadline: float | None = None  # time.monotonic() seconds
+
+
+class KVImporter:
+    def __init__(
+        self,
+        engine_loop: EngineLoop,
+        paged: PagedKV,
+        *,
+        local_host_id: str,
+        transport: str,
+        credentials: grpc.ChannelCredentials | None,
+        max_chunk_bytes: int,
+    ) -> None:
+        self._loop = engine_loop
+        self._paged = paged
+        self._host_id = local_host_id
+        self._transport = transport
+        self._credentials = credentials
+        self._max_chunk_bytes = max_chunk_bytes
+        self._clients: dict[str, KVTransferClient] = {}
+        self._background: set[asyncio.Task] = set()
+        self.bytes_pulled = 0
+        self.seconds_pulling = 0.0
+        self.pulls_by_transport: dict[str, int] = {}
+
+    async def import_kv(self, call: ImportCall, stream: RequestStream) -> PullResult | None:
+        """Reserve, pull, commit. On any failure or cancellation the reservation is freed and the
+        lease on the prefill worker released. Returns the pull's stats (None: all cached here)."""
+        handle = call.handle
+        self._check_handle(call)
+        reservation = await asyncio.wrap_future(
+            self._loop.reserve_import(call.request_id, call.prompt_token_ids, call.params)
+        )
+        committed = released = False
+        try:
+            n = len(reservation.block_ids)
+            if len(handle.block_ids) < n:
+                raise ValueError(f"KV handle has {len(handle.block_ids)} blocks, prompt needs {n}")
+            skip = reservation.num_cached_blocks
+            result = None
+            if skip < n:
+                result = await self._pull(
+                    call, list(handle.block_ids[skip:n]), reservation.block_ids[skip:]
+                )
+            self._release_later(handle)
+            released = True
+            first_logprob = None
+            if call.params.logprobs is not None:
+                first_logprob = (handle.first_logprob or 0.0, handle.first_top_logprobs or {})
+            await asyncio.wrap_future(
+                self._loop.commit_import(call.request_id, handle.first_token, first_logprob, stream)
+            )
+            committed = True
+            log.info(
+                "kv imported request_id=%s transfer_id=%s blocks=%d cached=%d transport=%s "
+                "bytes=%d ms=%.1f",
+                call.request_id, handle.transfer_id, n, skip,
+                result.transport if result else "-", result.num_bytes if result else 0,
+                result.seconds * 1000 if result else 0.0,
+            )  # fmt: skip
+            return result
+        finally:
+            if not committed:
+                # abort (not cancel_import): a commit queued before a cancellation may have run.
+                self._loop.abort(call.request_id)
+            if not released:
+                self._release_later(handle)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+        for client in self._clients.values():
+            await client.close()
+
+    def _check_handle(self, call: ImportCall) -> None:
+        handle = call.handle
+        if handle.num_tokens != len(call.prompt_token_ids):
+            raise ValueError(
+                f"KV handle covers {handle.num_tokens} tokens, the prompt has "
+                f"{len(call.prompt_token_ids)}"
+            )
+        local = self._paged.layout.compat_hash()
+        if handle.compat_hash != local:
+            raise IncompatibleLayoutError(
+                f"KV handle from {handle.engine_id} has compatibility hash {handle.compat_hash!r}, "
+                f"this worker's is {local!r} (different model, dtype or block size)"
+            )
+
+    async def _pull(self, call: ImportCall, src: list[int], dst: list[int]) -> PullResult:
+        handle = call.handle
+        client = self._client(handle.kv_endpoint)
+        keepalive = asyncio.create_task(self._keep_lease(client, handle))
+        try:
+            timeout = (
+                None if call.deadline is None else max(0.001, call.deadline - time.monotonic())
+            )
+            result = await client.pull(handle.transfer_id, handle.epoch, src, dst, timeout=timeout)
+        finally:
+            keepalive.cancel()
+        self.bytes_pulled += result.num_bytes
+        self.seconds_pulling += result.seconds
+        n = self.pulls_by_transport.get(result.transport, 0)
+        self.pulls_by_transport[result.transport] = n + 1
+        return result
+
+    async def _keep_lease(self, client: KVTransferClient, handle: KVHandle) -> None:
+        """Extend the lease while a pull runs (every half lease)."""
+        lease_ms = max(handle.lease_ms, 100)
+        try:
+            while True:
+                await asyncio.sleep(lease_ms / 2000)
+                await client.extend(handle.transfer_id, lease_ms)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the pull itself reports what matters
+            log.debug("lease keepalive stopped transfer_id=%s: %s", handle.transfer_id, exc)
+
+    def _release_later(self, handle: KVHandle) -> None:
+        """Tell P to free the blocks, without holding up the request."""
+        task = asyncio.create_task(self._release(handle))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, handle: KVHandle) -> None:
+        try:
+            released = await self._client(handle.kv_endpoint).release(handle.transfer_id)
+            log.info("kv lease released transfer_id=%s released=%s", handle.transfer_id, released)
+        except Exception as exc:
+            log.warning("kv release failed transfer_id=%s: %s", handle.transfer_id, exc)
+
+    def _client(self, endpoint: str) -> KVTransferClient:
+        client = self._clients.get(endpoint)
+        if client is None:
+            client = KVTransferClient(
+                endpoint,
+                self._paged,
+                local_host_id=self._host_id,
+                transport=self._transport,
+                credentials=self._credentials,
+                max_chunk_bytes=self._max_chunk_bytes,
+            )
+            self._clients[endpoint] = client
+        return client

@@ -1,0 +1,27 @@
+"""Prefill worker configuration: one dataclass, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillWorkerConfig:
+    lease_ms: int = 30_000  # default lease on a prompt's blocks (a Prefill may ask for less/more)
+    max_lease_ms: int = 300_000
+    enable_shm: bool = True  # offer the shared-memory transport to same-host decode workers
+    transfer_delay_ms: int = 0  # debug: sleep before each transfer chunk (tests of expiry/cancel)
+    fill_freed_kv: bool = False  # debug: overwrite a lease's blocks with a sentinel when freed
+    advertise_address: str | None = None  # host:port put in KV handles; None: the bound address
+    engine_id: str | None = None
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lease_ms <= self.max_lease_ms:
+            raise ValueError(
+                f"need 1 <= lease_ms ({self.lease_ms}) <= max_lease_ms ({self.max_lease_ms})"
+            )
+        if self.transfer_delay_ms < 0:
+            raise ValueError(f"transfer_delay_ms must be >= 0, got {self.transfer_delay_ms}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")

@@ -1,0 +1,154 @@
+"""Serving plumbing shared by the prefill and decode workers: an asyncio gRPC server with
+grpc.health.v1 health, server reflection, optional TLS/mTLS, and a graceful drain."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 8 << 20  # KV chunks are <= 1 MiB; prompts of 1M tokens fit
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    host: str = "127.0.0.1"  # binding anything else is an explicit choice
+    port: int = 0  # 0: any free port
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = (
+        None  # client CA: with it, clients must present a certificate (mTLS)
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert/--tls-key")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(slots=True)
+class RunningServer:
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int
+    service_names: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start_server(
+    options: ServerOptions,
+    register: Callable[[grpc.aio.Server], list[str]],
+) -> RunningServer:
+    """Create, register services (`register` returns their full names), bind, start."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    names = tuple(register(server))
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{options.host}:{options.port}"
+    port = (
+        server.add_secure_port(address, _server_credentials(options))
+        if options.tls
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    running = RunningServer(server, health, port, names)
+    await running.set_serving(True)
+    return running
+
+
+def channel_credentials(ca: Path | None) -> grpc.ChannelCredentials | None:
+    """Credentials for calling a TLS peer whose certificate `ca` signed (None: plaintext)."""
+    return grpc.ssl_channel_credentials(root_certificates=ca.read_bytes()) if ca else None
+
+
+def _server_credentials(options: ServerOptions) -> grpc.ServerCredentials:
+    assert options.tls_cert is not None and options.tls_key is not None
+    pair = [(options.tls_key.read_bytes(), options.tls_cert.read_bytes())]
+    if options.tls_client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(
+        pair, root_certificates=options.tls_client_ca.read_bytes(), require_client_auth=True
+    )
+
+
+def add_server_args(parser, *, default_port: int) -> None:
+    """Flags every worker shares: address, TLS, logging, drain."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=default_port, help="0: any free port")
+    g.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
+    g.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    g.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="CA (PEM): require client certificates it signed (mTLS)",
+    )
+    g.add_argument(
+        "--tls-ca", type=Path, default=None, help="CA (PEM) to trust when calling TLS peers"
+    )
+    g.add_argument("--engine-id", default=None, help="name in logs and load reports")
+    g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain on shutdown")
+    g.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    )
+
+
+def server_options_from_args(args) -> ServerOptions:
+    return ServerOptions(
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

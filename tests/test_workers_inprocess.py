@@ -1,0 +1,303 @@
+"""Prefill worker + decode worker in one process, over real gRPC on 127.0.0.1, tiny model.
+
+Disaggregated output (prefill on A, KV pulled into B over gRPC or shared memory, decode on B)
+must equal one engine doing both, and every block must come back on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+import pytest
+
+from decode_worker.config import DecodeWorkerConfig
+from decode_worker.server import start_decode_server
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from prefill_worker.config import PrefillWorkerConfig
+from prefill_worker.grpc_server import ServerOptions
+from prefill_worker.server import start_prefill_server
+from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+PROMPTS = [list(range(3, 40)), [7, 8, 9, 10, 11] * 7, list(range(100, 148))]  # 37, 35, 48 tokens
+MAX_TOKENS = 12
+GREEDY = common_pb2.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def make_engine(model, **kw) -> LLMEngine:
+    cfg = dict(model=str(model), kv_cache_memory=1 << 20, block_size=16)  # 128 blocks
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    engine = make_engine(tiny_llama)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    out = {}
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt, params)
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                tokens += o.new_token_ids
+        out[i] = tokens
+    return out
+
+
+@contextlib.asynccontextmanager
+async def cluster(model, *, transport="grpc", prefill_cfg=None, prefill_engine_kw=None):
+    prefill_engine = make_engine(model, **(prefill_engine_kw or {}))
+    decode_engine = make_engine(model)
+    p = await start_prefill_server(
+        prefill_engine, prefill_cfg or PrefillWorkerConfig(), ServerOptions(port=0)
+    )
+    d = await start_decode_server(
+        decode_engine, DecodeWorkerConfig(kv_transport=transport), ServerOptions(port=0)
+    )
+    p_channel = grpc.aio.insecure_channel(p.address)
+    d_channel = grpc.aio.insecure_channel(d.address)
+    try:
+        yield (
+            worker_pb2_grpc.PrefillServiceStub(p_channel),
+            worker_pb2_grpc.DecodeServiceStub(d_channel),
+            p,
+            d,
+        )
+    finally:
+        await p_channel.close()
+        await d_channel.close()
+        await d.stop(drain_s=0)
+        await p.stop(drain_s=0)
+
+
+async def prefill(pstub, transfer_id, prompt, sampling=GREEDY, **kw):
+    return await pstub.Prefill(
+        worker_pb2.PrefillRequest(
+            transfer_id=transfer_id, prompt_token_ids=prompt, sampling=sampling, **kw
+        ),
+        timeout=30,
+    )
+
+
+async def decode(dstub, request_id, prompt, handle=None, sampling=GREEDY, timeout=30):
+    req = worker_pb2.DecodeRequest(
+        request_id=request_id, prompt_token_ids=prompt, sampling=sampling
+    )
+    if handle is not None:
+        req.kv_handle.CopyFrom(handle)
+    tokens, last = [], None
+    async for chunk in dstub.Decode(req, timeout=timeout):
+        tokens += chunk.token_ids
+        last = chunk
+    return tokens, last
+
+
+async def wait_all_free(stub, timeout=5.0):
+    """Poll GetDebugState until every block is free and nothing is held; return the state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = await stub.GetDebugState(common_pb2.GetDebugStateRequest())
+        clean = (
+            state.num_free_blocks == state.num_blocks
+            and state.num_held_leases == 0
+            and state.num_running == 0
+            and state.num_pending_imports == 0
+            and state.num_shm_segments == 0
+        )
+        if clean or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.02)
+
+
+def assert_clean(state):
+    assert state.num_free_blocks == state.num_blocks, state
+    assert state.num_held_leases == 0 and list(state.held_transfer_ids) == [], state
+    assert state.num_running == 0 and state.num_waiting == 0, state
+    assert state.num_pending_imports == 0 and state.num_shm_segments == 0, state
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_disaggregated_equals_one_engine(tiny_llama, reference, transport):
+    async def main():
+        async with cluster(tiny_llama, transport=transport) as (pstub, dstub, p, d):
+            # Concurrent prompts: the prefill worker batches them through its engine loop.
+            replies = await asyncio.gather(
+                *(prefill(pstub, f"t{i}", prompt) for i, prompt in enumerate(PROMPTS))
+            )
+            for i, reply in enumerate(replies):
+                h = reply.handle
+                assert h.first_token == reference[i][0]
+                assert h.num_tokens == len(PROMPTS[i]) and h.epoch == p.worker.identity.epoch
+                assert reply.usage.prompt_tokens == len(PROMPTS[i])
+            for i, reply in enumerate(replies):
+                tokens, last = await decode(dstub, f"r{i}", PROMPTS[i], reply.handle)
+                assert tokens == reference[i], f"prompt {i}"
+                assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+                assert last.usage.completion_tokens == MAX_TOKENS
+            assert d.worker.importer.pulls_by_transport == {transport: len(PROMPTS)}
+            assert_clean(await wait_all_free(pstub))
+            assert_clean(await wait_all_free(dstub))
+
+    asyncio.run(main())
+
+
+def test_decode_without_handle_prefills_locally(tiny_llama, reference):
+    async def main():
+        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+            tokens, last = await decode(dstub, "local", PROMPTS[1])
+            assert tokens == reference[1]
+            assert last.usage.prompt_tokens == len(PROMPTS[1])
+            assert_clean(await wait_all_free(dstub))
+
+    asyncio.run(main())
+
+
+def test_cancel_mid_stream_frees_blocks(tiny_llama):
+    async def main():
+        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+            long = common_pb2.SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+            reply = await prefill(pstub, "t-cancel", PROMPTS[0], long)
+            req = worker_pb2.DecodeRequest(
+                request_id="r-cancel", prompt_token_ids=PROMPTS[0], sampling=long,
+                kv_handle=reply.handle,
+            )  # fmt: skip
+            call = dstub.Decode(req, timeout=30)
+            seen = 0
+            async for chunk in call:
+                seen += len(chunk.token_ids)
+                if seen >= 3:
+                    break
+            call.cancel()
+            assert_clean(await wait_all_free(dstub))
+            assert_clean(await wait_all_free(pstub))
+
+    asyncio.run(main())
+
+
+def test_abort_ends_the_stream_with_abort(tiny_llama):
+    async def main():
+        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+            long = common_pb2.SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+            req = worker_pb2.DecodeRequest(
+                request_id="r-abort", prompt_token_ids=PROMPTS[2], sampling=long
+            )
+            last = None
+            async for chunk in dstub.Decode(req, timeout=30):
+                if last is None:
+                    reply = await dstub.Abort(worker_pb2.AbortRequest(request_id="r-abort"))
+                    assert reply.aborted
+                last = chunk
+            assert last.finish_reason == common_pb2.FINISH_REASON_ABORT
+            assert not (await dstub.Abort(worker_pb2.AbortRequest(request_id="r-abort"))).aborted
+            assert_clean(await wait_all_free(dstub))
+
+    asyncio.run(main())
+
+
+def test_deadline_is_respected_and_frees_blocks(tiny_llama):
+    async def main():
+        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+            long = common_pb2.SamplingParams(temperature=0.0, max_tokens=450, ignore_eos=True)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await decode(dstub, "r-deadline", PROMPTS[0], sampling=long, timeout=0.3)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert_clean(await wait_all_free(dstub))
+
+    asyncio.run(main())
+
+
+def test_unreleased_lease_expires_and_frees_prefill_blocks(tiny_llama):
+    async def main():
+        cfg = PrefillWorkerConfig(lease_ms=100)
+        async with cluster(tiny_llama, prefill_cfg=cfg) as (pstub, dstub, p, d):
+            reply = await prefill(pstub, "t-expire", PROMPTS[0])
+            state = await pstub.GetDebugState(common_pb2.GetDebugStateRequest())
+            assert list(state.held_transfer_ids) == ["t-expire"]
+            assert state.num_free_blocks < state.num_blocks
+            await asyncio.sleep(0.3)
+            assert_clean(await wait_all_free(pstub))
+            # Decoding with the dead handle fails loudly and leaves nothing behind.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await decode(dstub, "r-late", PROMPTS[0], reply.handle)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert_clean(await wait_all_free(dstub))
+
+    asyncio.run(main())
+
+
+def test_release_rpc_frees_and_sentinel_fill_overwrites(tiny_llama):
+    async def main():
+        cfg = PrefillWorkerConfig(fill_freed_kv=True)
+        kw = dict(enable_prefix_caching=False)
+        async with cluster(tiny_llama, prefill_cfg=cfg, prefill_engine_kw=kw) as (pstub, _, p, _d):
+            reply = await prefill(pstub, "t-rel", PROMPTS[0])
+            blocks = list(reply.handle.block_ids)
+            released = await pstub.Release(worker_pb2.ReleaseRequest(transfer_id="t-rel"))
+            assert released.released
+            assert not (
+                await pstub.Release(worker_pb2.ReleaseRequest(transfer_id="t-rel"))
+            ).released
+            assert_clean(await wait_all_free(pstub))
+            kv = p.worker.paged._pages[:, :, blocks]
+            assert bool((kv == 0xFF).all())
+
+    asyncio.run(main())
+
+
+def test_bad_requests_get_clear_status_codes(tiny_llama):
+    async def main():
+        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await prefill(pstub, "t-empty", [])
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await prefill(pstub, "t-bad", [10**6])
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            reply = await prefill(pstub, "t-dup", PROMPTS[0])
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await prefill(pstub, "t-dup", PROMPTS[0])
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            bad = worker_pb2.KVHandle()
+            bad.CopyFrom(reply.handle)
+            bad.compat_hash = "0" * 32
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await decode(dstub, "r-hash", PROMPTS[0], bad)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await decode(dstub, "r-len", PROMPTS[0][:-1], reply.handle)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            bad_params = common_pb2.SamplingParams(temperature=-1.0)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await decode(dstub, "r-temp", PROMPTS[0], sampling=bad_params)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            await pstub.Release(worker_pb2.ReleaseRequest(transfer_id="t-dup"))
+            assert_clean(await wait_all_free(pstub))
+            assert_clean(await wait_all_free(dstub))
+
+    asyncio.run(main())
+
+
+def test_load_reports_and_health(tiny_llama):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def main():
+        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+            await prefill(pstub, "t-load", PROMPTS[0])
+            load = await pstub.GetLoad(common_pb2.GetLoadRequest())
+            assert load.role == "prefill" and load.num_held == 1 and load.serving
+            assert load.epoch == p.worker.identity.epoch and 0 < load.kv_cache_usage < 1
+            load = await dstub.GetLoad(common_pb2.GetLoadRequest())
+            assert load.role == "decode" and load.num_free_blocks == load.num_blocks
+            async with grpc.aio.insecure_channel(d.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service="pdserve.v1.DecodeService")
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    asyncio.run(main())
