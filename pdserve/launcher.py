@@ -39,6 +39,7 @@ GATEWAY_GRPC_PORT = 50051
 PREFILL_PORT = 50061  # first prefill worker; the next ones count up
 DECODE_PORT = 50071  # first decode worker; the next ones count up
 LOOPBACK = "127.0.0.1"
+GATEWAY_API_KEY_ENV = "PDSERVE_API_KEY"  # read by `pdserve gateway` (keeps the key off argv)
 WATCH_POLL_S = 0.5  # how often a watcher checks that the launcher is still alive
 LOG_TAIL_LINES = 40  # lines of a child's log kept for the error report when it dies
 
@@ -62,6 +63,7 @@ class ChildSpec:
     role: str  # "prefill-0", "decode-1", "gateway": the log prefix
     argv: tuple[str, ...]
     probe: Probe
+    env: dict[str, str] = field(default_factory=dict)  # added to the launcher's environment
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,7 +77,9 @@ class ClusterOptions:
     aggregated: bool = False  # no prefill workers: decode workers prefill locally
     prefill_port: int = PREFILL_PORT
     decode_port: int = DECODE_PORT
-    log_level: str = "info"  # as the children spell it (see `pdserve serve`)
+    worker_log_level: str = "INFO"  # as `pdserve prefill/decode --log-level` spell it
+    gateway_log_level: str = "info"  # as `pdserve gateway --log-level` spells it
+    api_key: str | None = None  # given to the gateway in its environment, not on its argv
     drain_timeout_s: float = 30.0  # each child's own drain; the launcher waits a little longer
     worker_args: tuple[str, ...] = ()  # engine flags, passed to every worker
     gateway_args: tuple[str, ...] = ()  # e.g. --served-model-name, --api-key, --chat-template
@@ -119,7 +123,7 @@ def _worker(opts: ClusterOptions, role: str, index: int, port: int) -> ChildSpec
     name = f"{role}-{index}"
     argv = pdserve_argv(
         opts.python, role, "--port", str(port), "--model", opts.model, "--engine-id", name,
-        "--log-level", opts.log_level, "--drain-timeout", f"{opts.drain_timeout_s:g}",
+        "--log-level", opts.worker_log_level, "--drain-timeout", f"{opts.drain_timeout_s:g}",
         *opts.worker_args,
     )  # fmt: skip
     return ChildSpec(name, argv, Probe(f"grpc://{LOOPBACK}:{port}"))
@@ -127,12 +131,13 @@ def _worker(opts: ClusterOptions, role: str, index: int, port: int) -> ChildSpec
 
 def _gateway(opts: ClusterOptions) -> ChildSpec:
     args = ["--model", opts.model, "--host", opts.host, "--port", str(opts.port)]
-    args += ["--grpc-port", str(opts.grpc_port), "--log-level", opts.log_level]
+    args += ["--grpc-port", str(opts.grpc_port), "--log-level", opts.gateway_log_level]
     if opts.prefill_ports:
         args += ["--prefill", ",".join(f"{LOOPBACK}:{p}" for p in opts.prefill_ports)]
     args += ["--decode", ",".join(f"{LOOPBACK}:{p}" for p in opts.decode_ports)]
     argv = pdserve_argv(opts.python, "gateway", *args, *opts.gateway_args)
-    return ChildSpec("gateway", argv, Probe(f"{opts.base_url}/health"))
+    env = {GATEWAY_API_KEY_ENV: opts.api_key} if opts.api_key else {}
+    return ChildSpec("gateway", argv, Probe(f"{opts.base_url}/health"), env)
 
 
 def plan_cluster(opts: ClusterOptions) -> list[ChildSpec]:
@@ -276,7 +281,7 @@ def start_child(spec: ChildSpec, printer: LogPrinter, grace_s: float, env: dict[
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=env,
+        env={**env, **spec.env},
         start_new_session=True,  # its own process group: Ctrl-C reaches only the launcher
     )
     child = Child(spec, proc)

@@ -237,7 +237,7 @@ def test_plan_passes_engine_flags_to_workers_and_addresses_to_the_gateway() -> N
         role = spec.role.split("-")[0]
         assert spec.argv[1:4] == ("-m", "pdserve.cli", role)
         assert spec.argv[4:14] == ("--port", str(port), "--model", "/models/tiny-llama",
-                                   "--engine-id", spec.role, "--log-level", "DEBUG",
+                                   "--engine-id", spec.role, "--log-level", "DEBUG",  # workers' case
                                    "--drain-timeout", "30")  # fmt: skip
         assert sorted(spec.argv[14:]) == sorted(engine)
         assert spec.probe.target == f"grpc://127.0.0.1:{port}"
@@ -246,7 +246,9 @@ def test_plan_passes_engine_flags_to_workers_and_addresses_to_the_gateway() -> N
     assert flag["--prefill"] == "127.0.0.1:50061,127.0.0.1:50062"
     assert flag["--decode"] == "127.0.0.1:50071,127.0.0.1:50072"
     assert (flag["--port"], flag["--grpc-port"], flag["--host"]) == ("9000", "9001", "127.0.0.1")
-    assert (flag["--served-model-name"], flag["--api-key"]) == ("tiny", "k")
+    assert flag["--log-level"] == "debug"  # the gateway's case
+    assert flag["--served-model-name"] == "tiny" and "--api-key" not in flag
+    assert specs[-1].env == {"PDSERVE_API_KEY": "k"}  # not visible in `ps`
     assert flag["--max-model-len"] == "256" and flag["--model"] == "/models/tiny-llama"
     assert specs[-1].probe.target == "http://127.0.0.1:9000/health"
 

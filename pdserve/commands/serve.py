@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from engine.cli_args import add_engine_args
 from pdserve.commands.convert import add_cache_dir_arg
 from pdserve.launcher import (
     DECODE_PORT,
+    GATEWAY_API_KEY_ENV,
     GATEWAY_GRPC_PORT,
     GATEWAY_HTTP_PORT,
     PREFILL_PORT,
@@ -21,7 +24,7 @@ from pdserve.launcher import (
     run_cluster,
 )
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # as the children spell them
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DRAIN_MARGIN_S = 5.0  # extra wait past a child's own drain timeout before SIGKILL
 
 
@@ -41,10 +44,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds each child may drain after SIGTERM (then SIGKILL)")  # fmt: skip
     add_cache_dir_arg(g)
-    g.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    g.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     gw = p.add_argument_group("gateway")
     gw.add_argument("--served-model-name", default=None)
-    gw.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    gw.add_argument("--api-key", default=os.environ.get(GATEWAY_API_KEY_ENV) or None,
+                    help=f"require 'Authorization: Bearer KEY' (or set {GATEWAY_API_KEY_ENV})")  # fmt: skip
     gw.add_argument("--chat-template", default=None, help="a template file or the template text")
 
 
@@ -66,11 +70,23 @@ def engine_flag_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def spell_choice(command: str, flag: str, value: str) -> str:
+    """`value` as `pdserve <command> <flag>` spells it among its choices (case differs)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    importlib.import_module(f"pdserve.commands.{command}").add_parser(parser)
+    for action in parser._actions:
+        if flag in action.option_strings and action.choices is not None:
+            for choice in action.choices:
+                if str(choice).lower() == value.lower():
+                    return str(choice)
+    return value
+
+
 def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
+    """Gateway flags given to `serve` (the API key travels in the environment instead)."""
     argv: list[str] = []
     for flag, value in (
         ("--served-model-name", args.served_model_name),
-        ("--api-key", args.api_key),
         ("--chat-template", args.chat_template),
         ("--max-model-len", args.max_model_len),
     ):
@@ -97,10 +113,12 @@ def cluster_options(args: argparse.Namespace, model: Path) -> ClusterOptions:
         aggregated=args.aggregated,
         prefill_port=args.prefill_port,
         decode_port=args.decode_port,
-        log_level=args.log_level,
+        worker_log_level=spell_choice("decode", "--log-level", args.log_level),
+        gateway_log_level=spell_choice("gateway", "--log-level", args.log_level),
         drain_timeout_s=args.drain_timeout,
         worker_args=tuple(engine_flag_argv(args)),
         gateway_args=tuple(gateway_flag_argv(args)),
+        api_key=args.api_key,
     )
 
 
