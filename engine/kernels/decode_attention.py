@@ -17,11 +17,19 @@ import triton
 import triton.language as tl
 
 from engine.kernels import launch_checks as checks
-from engine.kernels.tiles import LOG2E, dot_in_fp32, load_kv_tile, online_softmax_step
+from engine.kernels.tiles import (
+    LOG2E,
+    NUM_STAGES,
+    dot_in_fp32,
+    kv_tile_width,
+    load_kv_tile,
+    online_softmax_step,
+)
 
 MIN_GROUP_PAD = 16  # tl.dot needs M >= 16 on GPUs: pad the query heads of a group
 MIN_PARTITION_SIZE = 16
 PROGRAMS_PER_SM = 2  # split the context until about this many programs per SM are running
+COMBINE_CHUNK = 16  # partitions the combine kernel reads per loop step
 MIN_GPU_PARTITION_SIZE = 256  # shorter partitions cost more in the combine step than they save
 
 
@@ -106,22 +114,41 @@ def _decode_combine_kernel(
     stride_oh,
     num_partitions,
     HEAD_DIM: tl.constexpr,
-    PARTS_PAD: tl.constexpr,  # next power of two >= num_partitions
     PARTITION_SIZE: tl.constexpr,
+    CHUNK: tl.constexpr,  # partitions read per loop step
 ):
-    """Grid (B, Hq): weight each partition's output by its share of the softmax mass."""
+    """Grid (B, Hq): weight each partition's output by its share of the softmax mass.
+
+    Two passes over the partitions, CHUNK at a time so long contexts need no wide tiles: the
+    first finds the largest log-sum-exp, the second sums the rescaled outputs and weights.
+    """
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    ctx = tl.load(context_lens_ptr + b)
-    parts = tl.arange(0, PARTS_PAD)
-    used = parts < tl.cdiv(ctx, PARTITION_SIZE)
-    row = (b * tl.num_programs(1) + head) * num_partitions + parts  # (PARTS_PAD,)
-    lse = tl.load(part_lse_ptr + row, mask=used, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))  # unused partitions weigh 0
+    used_parts = tl.cdiv(tl.load(context_lens_ptr + b), PARTITION_SIZE)
+    first_row = (b * tl.num_programs(1) + head) * num_partitions
+    lanes = tl.arange(0, CHUNK)
     dims = tl.arange(0, HEAD_DIM)
-    partial = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
-                      mask=used[:, None], other=0.0)  # fmt: skip
-    out = tl.sum(partial * weight[:, None], axis=0) / tl.sum(weight, axis=0)  # (D,)
+
+    lse_max = tl.full([CHUNK], float("-inf"), tl.float32)
+    for p0 in range(0, used_parts, CHUNK):
+        parts = p0 + lanes
+        lse = tl.load(
+            part_lse_ptr + first_row + parts, mask=parts < used_parts, other=float("-inf")
+        )
+        lse_max = tl.maximum(lse_max, lse)
+    top = tl.max(lse_max, axis=0)  # finite: partition 0 always holds a token
+
+    weights = tl.zeros([CHUNK], tl.float32)
+    acc = tl.zeros([CHUNK, HEAD_DIM], tl.float32)
+    for p0 in range(0, used_parts, CHUNK):
+        parts = p0 + lanes
+        used = parts < used_parts
+        lse = tl.load(part_lse_ptr + first_row + parts, mask=used, other=float("-inf"))
+        w = tl.exp2(lse - top)  # (CHUNK,), 0 for unused lanes
+        rows = (first_row + parts)[:, None] * HEAD_DIM + dims[None, :]
+        acc += w[:, None] * tl.load(part_out_ptr + rows, mask=used[:, None], other=0.0)
+        weights += w
+    out = tl.sum(acc, axis=0) / tl.sum(weights, axis=0)  # (D,)
     tl.store(out_ptr + b * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
@@ -148,11 +175,12 @@ def paged_decode_attention(
     num_blocks, block_size, num_kv_heads, head_dim = checks.check_cache_pair(k_cache, v_cache)
     num_seqs = q.shape[0]
     _check_decode_args(q, k_cache, block_tables, context_lens, num_seqs, num_kv_heads, head_dim)
-    if validate:
-        checks.check_context(block_tables, context_lens, num_blocks, block_size)
     out = torch.empty_like(q)
     if num_seqs == 0:
         return out
+    if validate:
+        longest = checks.check_context(block_tables, context_lens, num_blocks, block_size)
+        checks.check_at_least("max_context_len", max_context_len, longest)
     if max_context_len is None:
         max_context_len = int(context_lens.max())
     if partition_size is None:
@@ -198,10 +226,11 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, out, scale, partiti
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     single = parts == 1
-    # (B, Hq, P, D) partial outputs and (B, Hq, P) log-sum-exps; unused with one partition
-    part_out = q.new_empty((num_seqs, num_heads, parts, head_dim) if not single else (1,), dtype=torch.float32)
-    part_lse = q.new_empty((num_seqs, num_heads, parts) if not single else (1,), dtype=torch.float32)
-    block_n = min(64 if head_dim <= 128 else 32, partition_size)
+    # (B, Hq, P) log-sum-exps and (B, Hq, P, D) partial outputs; unused with one partition
+    lse_shape = (num_seqs, num_heads, parts) if not single else (1,)
+    part_lse = q.new_empty(lse_shape, dtype=torch.float32)
+    part_out = q.new_empty((*lse_shape, head_dim), dtype=torch.float32)
+    block_n = min(kv_tile_width(head_dim, q.dtype), partition_size)
     _decode_partition_kernel[(num_seqs, num_kv_heads, parts)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
         q.stride(0), q.stride(1),
@@ -211,11 +240,11 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, out, scale, partiti
         GROUP=group, GROUP_PAD=max(MIN_GROUP_PAD, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
         SINGLE_PARTITION=single, DOT_FP32=dot_in_fp32(_decode_partition_kernel, q.dtype),
+        num_stages=NUM_STAGES,
     )  # fmt: skip
     if single:
         return
     _decode_combine_kernel[(num_seqs, num_heads)](
         part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), parts,
-        HEAD_DIM=head_dim, PARTS_PAD=triton.next_power_of_2(parts),
-        PARTITION_SIZE=partition_size,
+        HEAD_DIM=head_dim, PARTITION_SIZE=partition_size, CHUNK=COMBINE_CHUNK,
     )  # fmt: skip

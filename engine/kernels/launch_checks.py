@@ -7,6 +7,8 @@ with a message that names the argument.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -116,10 +118,11 @@ def check_context(
     context_lens: torch.Tensor,  # (B,) int32
     num_blocks: int,
     block_size: int,
-) -> None:
-    """Block ids in range and 1 <= context_len <= M * block_size. One host sync."""
-    if context_lens.numel() == 0:
-        return
+) -> int:
+    """Block ids in range and 1 <= context_len <= M * block_size; returns the longest context.
+
+    One host sync. Needs at least one sequence.
+    """
     capacity = block_tables.shape[1] * block_size
     if block_tables.numel() == 0:
         raise ValueError("block_tables has no columns but context_lens is not empty")
@@ -128,20 +131,26 @@ def check_context(
     )
     bt_lo, bt_hi, ctx_lo, ctx_hi = stats.tolist()
     if bt_lo < 0 or bt_hi >= num_blocks:
-        raise ValueError(f"block_tables values must be in [0, {num_blocks}), got [{bt_lo}, {bt_hi}]")
+        raise ValueError(
+            f"block_tables values must be in [0, {num_blocks}), got [{bt_lo}, {bt_hi}]"
+        )
     if ctx_lo < 1 or ctx_hi > capacity:
         raise ValueError(
             f"context_lens must be in [1, {capacity}] (block_tables columns * block_size), "
             f"got [{ctx_lo}, {ctx_hi}]"
         )
+    return ctx_hi
 
 
 def check_query_lens(
     cu_seqlens_q: torch.Tensor,  # (B + 1,) int32
     context_lens: torch.Tensor,  # (B,) int32
     num_tokens: int,
-) -> None:
-    """cu_seqlens_q starts at 0, ends at num_tokens, and 1 <= query_len <= context_len."""
+) -> int:
+    """cu_seqlens_q runs from 0 to num_tokens and 1 <= query_len <= context_len.
+
+    Returns the longest query.
+    """
     cu = cu_seqlens_q.tolist()
     if cu[0] != 0 or cu[-1] != num_tokens:
         raise ValueError(f"cu_seqlens_q must run from 0 to {num_tokens}, got {cu[0]}..{cu[-1]}")
@@ -151,3 +160,10 @@ def check_query_lens(
             raise ValueError(
                 f"sequence {b}: query_len {query_len} must be in [1, context_len={ctx}]"
             )
+    return max(b - a for a, b in itertools.pairwise(cu))
+
+
+def check_at_least(name: str, given: int | None, actual: int) -> None:
+    """A caller-supplied grid bound (None: not given) must cover the batch's actual maximum."""
+    if given is not None and given < actual:
+        raise ValueError(f"{name} is {given} but the batch needs {actual}")

@@ -14,10 +14,16 @@ import triton
 import triton.language as tl
 
 from engine.kernels import launch_checks as checks
-from engine.kernels.tiles import LOG2E, dot_in_fp32, load_kv_tile, online_softmax_step
+from engine.kernels.tiles import (
+    LOG2E,
+    NUM_STAGES,
+    dot_in_fp32,
+    kv_tile_width,
+    load_kv_tile,
+    online_softmax_step,
+)
 
-BLOCK_M = 64  # query tokens per program
-BLOCK_N = 64  # keys per tile
+MAX_BLOCK_M = 64  # query tokens per program
 
 
 @triton.jit
@@ -105,23 +111,26 @@ def paged_prefill_attention(
     num_seqs = context_lens.shape[0]
     _check_prefill_args(q, k_cache, block_tables, cu_seqlens_q, context_lens, num_seqs,
                         num_kv_heads, head_dim)  # fmt: skip
-    if validate:
-        checks.check_context(block_tables, context_lens, num_blocks, block_size)
-        checks.check_query_lens(cu_seqlens_q, context_lens, q.shape[0])
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
+    if validate:
+        longest = checks.check_query_lens(cu_seqlens_q, context_lens, q.shape[0])
+        checks.check_context(block_tables, context_lens, num_blocks, block_size)
+        checks.check_at_least("max_query_len", max_query_len, longest)
     if max_query_len is None:
         max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    grid = (triton.cdiv(max_query_len, BLOCK_M), num_seqs, q.shape[1])
+    block_n = kv_tile_width(head_dim, q.dtype)
+    block_m = min(MAX_BLOCK_M, 2 * block_n)  # q tile stays resident beside the K/V tiles
+    grid = (triton.cdiv(max_query_len, block_m), num_seqs, q.shape[1])
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         scale * LOG2E, block_size,
-        GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        DOT_FP32=dot_in_fp32(_prefill_kernel, q.dtype),
+        GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_FP32=dot_in_fp32(_prefill_kernel, q.dtype), num_stages=NUM_STAGES,
     )  # fmt: skip
     return out
 

@@ -12,6 +12,15 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 LOG2E = 1.4426950408889634
+NUM_STAGES = 2  # software-pipelining depth of the key loops; K and V tiles are buffered per stage
+
+
+def kv_tile_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Keys per K/V tile: narrower for wide rows, so pipelined K/V tiles fit in shared memory."""
+    row_bytes = head_dim * torch.empty((), dtype=dtype).element_size()
+    if row_bytes <= 256:
+        return 64
+    return 32 if row_bytes <= 512 else 16
 
 
 def dot_in_fp32(kernel: object, dtype: torch.dtype) -> bool:
