@@ -88,6 +88,7 @@ class FakeWorker:
         self.kv_cache_usage = 0.0
         self.serving = True
         self.end_with_eos = False  # stop with EOS after the reply instead of running to length
+        self.fail_after: int | None = None  # Decode dies (INTERNAL) after this many tokens
         self._server: grpc.Server | None = None
         self.address = ""
 
@@ -167,6 +168,8 @@ class _Decode(worker_pb2_grpc.DecodeServiceServicer):
         for i, token_id in enumerate(ids):
             if not context.is_active():
                 return
+            if self.w.fail_after is not None and i == self.w.fail_after:
+                context.abort(grpc.StatusCode.INTERNAL, "fake decode died mid-stream")
             if i and self.w.token_delay_s:
                 time.sleep(self.w.token_delay_s)
             chunk = worker_pb2.DecodeChunk(token_ids=[token_id])

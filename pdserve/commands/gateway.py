@@ -1,0 +1,96 @@
+"""`pdserve gateway`: the gRPC front door and OpenAI routes in front of prefill/decode workers.
+
+This module resolves the model folder (the default model lives in the engine's cache) and hands
+the gateway a plain path, so the gateway package itself never imports the engine or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+API_KEY_ENV = "PDSERVE_API_KEY"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("workers")
+    g.add_argument("--prefill", default="", help="prefill workers, HOST:PORT[,HOST:PORT...]")
+    g.add_argument("--decode", required=True, help="decode workers, HOST:PORT[,HOST:PORT...]")
+    g.add_argument("--min-prefill-tokens", type=int, default=16,
+                   help="prompts shorter than this are prefilled on the decode worker")
+    g.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds per Prefill call")
+    g.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request")
+    g.add_argument("--load-interval", type=float, default=1.0,
+                   help="seconds between worker load/health polls")
+    m = parser.add_argument_group("model")
+    m.add_argument("--model", default=None,
+                   help="HF model folder for the tokenizer and chat template (default: the "
+                        "default model's converted folder)")
+    m.add_argument("--served-model-name", default=None, help="model id in the API")
+    m.add_argument("--chat-template", default=None, help="a template file or the template text")
+    m.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: min(model's max positions, 4096), as workers)")
+    s = parser.add_argument_group("serving")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (HTTP and gRPC)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port")
+    s.add_argument("--grpc-port", type=int, default=50051, help="gRPC port; -1 disables gRPC")
+    s.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
+    s.add_argument("--max-pending", type=int, default=256,
+                   help="requests in flight before new ones get 429 / RESOURCE_EXHAUSTED")
+    s.add_argument("--max-n", type=int, default=16)
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+
+
+def resolve_model_folder(model: str | None) -> Path:
+    """An existing folder as is; otherwise the engine resolves it (the default model)."""
+    if model is not None and Path(model).expanduser().is_dir():
+        return Path(model).expanduser().resolve()
+    from engine.default_model import resolve_model
+
+    return resolve_model(model)
+
+
+def config_from_args(args: argparse.Namespace, model_path: Path):
+    from gateway.config import GatewayConfig
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    return GatewayConfig(
+        model_path=model_path,
+        prefill_addresses=_addresses(args.prefill),
+        decode_addresses=_addresses(args.decode),
+        served_model_name=args.served_model_name or "",
+        host=args.host,
+        http_port=args.port,
+        grpc_port=None if args.grpc_port < 0 else args.grpc_port,
+        api_key=api_key,
+        chat_template=args.chat_template,
+        max_model_len=args.max_model_len,
+        max_pending=args.max_pending,
+        min_prefill_tokens=args.min_prefill_tokens,
+        max_n=args.max_n,
+        prefill_timeout_s=args.prefill_timeout,
+        request_timeout_s=args.request_timeout,
+        load_interval_s=args.load_interval,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway.server import serve
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args, resolve_model_folder(args.model))
+        asyncio.run(serve(config, args.log_level))
+    except ValueError as exc:  # bad flags, model folder or chat template
+        raise SystemExit(f"pdserve gateway: {exc}") from None
+    return 0
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
