@@ -4,7 +4,10 @@ all on one asyncio loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+from collections.abc import Iterator
 
 import grpc
 import uvicorn
@@ -18,6 +21,15 @@ from gateway.tokenizer import GatewayTokenizer
 from gateway.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: GatewayServer.wait() owns SIGINT/SIGTERM and
+    shuts the gRPC side down too (uvicorn would re-raise the signal and skip that)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class GatewayServer:
@@ -54,7 +66,7 @@ class GatewayServer:
         config = uvicorn.Config(self.app, host=self.config.host, port=self.config.http_port,
                                 log_level=self._log_level, lifespan="off",
                                 timeout_graceful_shutdown=5)
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = _HttpServer(config)
         self._http_task = asyncio.create_task(self._uvicorn.serve())
         while not self._uvicorn.started:
             if self._http_task.done():
@@ -64,9 +76,17 @@ class GatewayServer:
         self.http_port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
 
     async def wait(self) -> None:
+        """Serve until SIGINT/SIGTERM, then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._request_exit)
         if self._http_task is not None:
             await self._http_task
         await self.stop()
+
+    def _request_exit(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
 
     async def stop(self) -> None:
         if self._uvicorn is not None and self._http_task is not None:
@@ -79,9 +99,3 @@ class GatewayServer:
         await self.core.drain_background()
         await self.pool.close()
         self._uvicorn = self._http_task = self._grpc = self._poller = None
-
-
-async def serve(config: GatewayConfig, log_level: str = "info") -> None:
-    server = GatewayServer(config, log_level)
-    await server.start()
-    await server.wait()

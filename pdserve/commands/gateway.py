@@ -80,16 +80,25 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from gateway.server import serve
-
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args, resolve_model_folder(args.model))
-        asyncio.run(serve(config, args.log_level))
+        asyncio.run(_serve(config, args.log_level))
     except ValueError as exc:  # bad flags, model folder or chat template
         raise SystemExit(f"pdserve gateway: {exc}") from None
     return 0
+
+
+async def _serve(config, log_level: str) -> None:
+    from gateway.server import GatewayServer
+
+    server = GatewayServer(config, log_level)
+    await server.start()
+    # One line on stdout for launchers and tests that start us with port 0.
+    grpc_part = f", grpc {config.host}:{server.grpc_port}" if server.grpc_port else ""
+    print(f"gateway listening on http {config.host}:{server.http_port}{grpc_part}", flush=True)
+    await server.wait()
 
 
 def _addresses(text: str) -> tuple[str, ...]:
