@@ -41,6 +41,7 @@ DECODE_PORT = 50071  # first decode worker; the next ones count up
 LOOPBACK = "127.0.0.1"
 GATEWAY_API_KEY_ENV = "PDSERVE_API_KEY"  # read by `pdserve gateway` (keeps the key off argv)
 WATCH_POLL_S = 0.5  # how often a watcher checks that the launcher is still alive
+PROBE_INTERVAL_S = 0.5  # between readiness probes while starting
 LOG_TAIL_LINES = 40  # lines of a child's log kept for the error report when it dies
 
 
@@ -338,6 +339,7 @@ class Cluster:
     def wait_ready(self, timeout_s: float, flags: StopFlags) -> bool:
         """True when every child answers its probe; False when a stop was asked for first.
 
+        The gateway is probed only once every worker answers (its /health needs them anyway).
         Raises ChildExited when a child dies, TimeoutError after `timeout_s`.
         """
         pending = list(self.children)
@@ -347,12 +349,20 @@ class Cluster:
                 return False
             if (dead := self.exited()) is not None:
                 raise ChildExited(dead)
-            pending = [c for c in pending if not probe(c.spec.probe)]
+            pending = self._probe_pending(pending)
             if pending and time.monotonic() > deadline:
                 roles = ", ".join(c.spec.role for c in pending)
                 raise TimeoutError(f"not ready after {timeout_s:.0f}s: {roles}")
-            flags.stop.wait(0.25 if pending else 0)
+            flags.stop.wait(PROBE_INTERVAL_S if pending else 0)
         return True
+
+    @staticmethod
+    def _probe_pending(pending: list[Child]) -> list[Child]:
+        workers = [c for c in pending if c.spec.role != "gateway"]
+        waiting_workers = [c for c in workers if not probe(c.spec.probe)]
+        if waiting_workers:
+            return waiting_workers + [c for c in pending if c.spec.role == "gateway"]
+        return [c for c in pending if c.spec.role == "gateway" and not probe(c.spec.probe)]
 
     def stop(self, flags: StopFlags | None = None) -> None:
         """Gateway first (it drains in-flight requests while workers still run), then workers."""
