@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -309,3 +310,23 @@ def test_metrics_follow_vllm_definitions() -> None:
 
 if __name__ == "__main__":
     serve_fake(FakeState())
+
+
+def test_bench_compare_script_runs_both_servers_and_prints_ratios(fake_server, tmp_path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PDSERVE_URL=fake_server.url, LLAMACPP_URL=fake_server.url,
+               ROUNDS="2", PLOTS="0", OUT_DIR=str(tmp_path / "cmp"))  # fmt: skip
+    extra = ["--api-key", API_KEY, "--num-prompts", "4", "--random-input-len", "5",
+             "--random-output-len", "3", "--request-rate", "inf"]  # fmt: skip
+    done = subprocess.run([str(root / "scripts" / "bench_compare.sh"), *extra], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in (tmp_path / "cmp").glob("*.json"))
+    assert names == ["llama.cpp-r1.json", "llama.cpp-r2.json", "pdserve-r1.json", "pdserve-r2.json"]
+    header, *rows = done.stdout.splitlines()
+    assert header.split()[:3] == ["metric", "pdserve-r1", "llama.cpp-r1"]
+    assert "llama.cpp-r1/pdserve-r1" in header
+    completed = next(r for r in rows if r.startswith("completed requests")).split()
+    assert completed[2:6] == ["4", "4", "4", "4"] and completed[6] == "1.00x"
+    order = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("== ")]
+    assert order == ["pdserve", "llama.cpp", "llama.cpp", "pdserve"]  # rounds alternate
