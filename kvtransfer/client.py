@@ -18,7 +18,7 @@ from kvtransfer.chunking import ChunkAssembler, TransferError
 from kvtransfer.exporter import ReadRequest
 from kvtransfer.layout import KVLayout, check_compatible
 from kvtransfer.pages import PagedKV
-from kvtransfer.shm import read_segment
+from kvtransfer.shm import open_segment
 from protos.pdserve.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class KVTransferClient:
         transport = self._pick(peer)
         if transport == "shm":
             try:
-                pages = await self._read_shm(request)
+                num_bytes = await self._pull_shm(request, dst_block_ids)
             except TransferError as exc:
                 if self._transport == "shm":
                     raise
@@ -134,11 +134,10 @@ class KVTransferClient:
                 self._shm_broken, transport = True, "grpc"
         if transport == "grpc":
             pages = await self._read_grpc(request, timeout)
-        layers = list(range(self._local.layout.num_layers))
-        # The destination blocks must not be given back while this copy runs: finish it even
-        # when the caller is cancelled.
-        await _finish_even_if_cancelled(self._local.scatter, layers, dst_block_ids, pages)
-        return PullResult(transport, pages.numel(), time.perf_counter() - start)
+            layers = list(range(self._local.layout.num_layers))
+            await _finish_even_if_cancelled(self._local.scatter, layers, dst_block_ids, pages)
+            num_bytes = pages.numel()
+        return PullResult(transport, num_bytes, time.perf_counter() - start)
 
     async def extend(self, transfer_id: str, lease_ms: int) -> int:
         reply = await self._stub.ExtendLease(
@@ -174,20 +173,28 @@ class KVTransferClient:
             raise
         return assembler.finish()
 
-    async def _read_shm(self, request: ReadRequest):
+    async def _pull_shm(self, request: ReadRequest, dst_block_ids: list[int]) -> int:
         reply = await self._stub.ReadBlocksShm(wire.read_request_to_pb(request), timeout=30)
         info = wire.shm_from_pb(reply)
         layout = self._local.layout
-        if list(info.block_ids) != list(request.block_ids) or list(info.layers) != list(
-            range(layout.num_layers)
-        ):
+        layers = list(range(layout.num_layers))
+        if list(info.block_ids) != list(request.block_ids) or list(info.layers) != layers:
             raise TransferError("shared-memory segment does not hold the requested pages")
         expected = layout.num_layers * 2 * len(request.block_ids) * layout.page_bytes
-        flat = await asyncio.to_thread(read_segment, info, expected)
-        return flat.view(layout.num_layers, 2, len(request.block_ids), layout.page_bytes)
+
+        def copy_in() -> None:  # straight from the mapped segment into the pool
+            with open_segment(info, expected) as flat:
+                pages = flat.view(layout.num_layers, 2, len(dst_block_ids), layout.page_bytes)
+                self._local.scatter(layers, dst_block_ids, pages)
+                del pages
+
+        await _finish_even_if_cancelled(copy_in)
+        return expected
 
 
 async def _finish_even_if_cancelled(fn, *args) -> None:
+    """Run fn(*args) in a thread; if the caller is cancelled, still wait for it to finish (the
+    destination blocks must not be given back while a copy into them runs)."""
     future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
     try:
         await asyncio.shield(future)

@@ -87,8 +87,11 @@ class KVExporter:
         if self.shm is None:
             raise KVAddressError("shared-memory transport is disabled on this worker")
         with self.open_read(request) as plan:
-            pages = self.paged.gather(list(plan.layers), list(plan.block_ids))
-            info = self.shm.export(pages, list(plan.layers), list(plan.block_ids))
+            layers, blocks = list(plan.layers), list(plan.block_ids)
+            size = len(layers) * 2 * len(blocks) * self.layout.page_bytes
+            info = self.shm.export(
+                size, lambda out: self.paged.gather(layers, blocks, out), layers, blocks
+            )
             try:
                 self.leases.attach(request.transfer_id, ShmAttachment(info.name))
             except LeaseError:

@@ -8,13 +8,16 @@ lease is released or expires. Only raw bytes go through the segment; nothing is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
 import os
 import re
 import socket
 import threading
 import uuid
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -59,18 +62,20 @@ class ShmExporter:
         self._segments: dict[str, shared_memory.SharedMemory] = {}
 
     def export(
-        self, pages: torch.Tensor, layers: list[int], block_ids: list[int]
+        self,
+        size: int,
+        fill: Callable[[torch.Tensor], object],
+        layers: list[int],
+        block_ids: list[int],
     ) -> ShmSegmentInfo:
-        """Copy a contiguous uint8 CPU tensor of pages into a new segment."""
-        flat = pages.contiguous().view(-1)
-        size = flat.numel()
+        """Create a segment of `size` bytes and let `fill` write it (a uint8 tensor view)."""
         segment = shared_memory.SharedMemory(
             name=f"{_PREFIX}{uuid.uuid4().hex[:24]}", create=True, size=max(size, 1)
         )
         try:
             view = torch.frombuffer(segment.buf, dtype=torch.uint8, count=size)
-            view.copy_(flat)
-            del view
+            fill(view)
+            del view  # the segment cannot close while a tensor exports its buffer
             crc = zlib.crc32(segment.buf[:size])
         except BaseException:
             _destroy(segment)
@@ -96,38 +101,46 @@ class ShmExporter:
             return len(self._segments)
 
 
-def read_segment(info: ShmSegmentInfo, expected_size: int, *, verify: bool = True) -> torch.Tensor:
-    """Copy a segment's bytes into a new uint8 tensor and verify them.
+@contextlib.contextmanager
+def open_segment(
+    info: ShmSegmentInfo, expected_size: int, *, verify: bool = True
+) -> Iterator[torch.Tensor]:
+    """Map a segment and yield its bytes as a uint8 tensor (verified), valid inside the block.
 
-    The segment is read as the file /dev/shm/<name> rather than attached with SharedMemory:
+    The segment is mapped from the file /dev/shm/<name> rather than attached with SharedMemory:
     attaching would register it with this process's resource tracker, which unlinks "leaked"
-    segments at exit -- the exporter owns it. The name comes off the wire, so it must look like
-    one of ours (no path tricks).
+    segments at exit -- the exporter owns it. The mapping is private (copy-on-write), so nothing
+    here can change the exporter's bytes. The name comes off the wire, so it must look like one
+    of ours (no path tricks). Drop every view of the tensor before the block ends.
     """
     if not _SEGMENT_NAME.fullmatch(info.name):
         raise TransferError(f"not a kv segment name: {info.name!r}")
-    if info.size != expected_size:
+    if info.size != expected_size or info.size == 0:
         raise TransferError(f"segment {info.name} has {info.size} bytes, expected {expected_size}")
-    out = torch.empty(info.size, dtype=torch.uint8)
     try:
-        with open(os.path.join(_SHM_DIR, info.name), "rb", buffering=0) as f:
-            if os.fstat(f.fileno()).st_size < info.size:
-                raise TransferError(f"segment {info.name} is smaller than announced")
-            _read_exactly(f, memoryview(out.numpy()))
+        fd = os.open(os.path.join(_SHM_DIR, info.name), os.O_RDONLY)
     except FileNotFoundError as exc:
         raise TransferError(f"shared-memory segment {info.name} not found") from exc
-    if verify and zlib.crc32(out.numpy()) != info.crc32:
-        raise ChecksumError(f"segment {info.name}: CRC-32 mismatch")
-    return out
+    try:
+        if os.fstat(fd).st_size < info.size:
+            raise TransferError(f"segment {info.name} is smaller than announced")
+        mapping = mmap.mmap(fd, info.size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    try:
+        view = torch.frombuffer(mapping, dtype=torch.uint8, count=info.size)
+        if verify and zlib.crc32(mapping) != info.crc32:
+            raise ChecksumError(f"segment {info.name}: CRC-32 mismatch")
+        yield view
+    finally:
+        view = None  # release the export before closing the mapping
+        mapping.close()
 
 
-def _read_exactly(f, buf: memoryview) -> None:
-    pos = 0
-    while pos < len(buf):
-        n = f.readinto(buf[pos:])
-        if not n:
-            raise TransferError("segment ended early")
-        pos += n
+def read_segment(info: ShmSegmentInfo, expected_size: int, *, verify: bool = True) -> torch.Tensor:
+    """A verified copy of a segment's bytes."""
+    with open_segment(info, expected_size, verify=verify) as view:
+        return view.clone()
 
 
 def _destroy(segment: shared_memory.SharedMemory) -> None:

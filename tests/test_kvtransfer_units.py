@@ -118,6 +118,17 @@ def test_gather_scatter_round_trip_moves_exact_bytes(dtype):
     assert not dst_pool[:, :, untouched].any()
 
 
+def test_gather_into_a_buffer_matches_gather():
+    layout = make_layout()
+    paged = PagedKV(make_pool(layout), layout)
+    for layers in ([0, 1, 2], [2, 0]):
+        out = torch.empty(len(layers) * 2 * 2 * layout.page_bytes, dtype=torch.uint8)
+        paged.gather(layers, [5, 1], out)
+        assert torch.equal(out.view(len(layers), 2, 2, -1), paged.gather(layers, [5, 1]))
+    with pytest.raises(ValueError, match="bytes"):
+        paged.gather([0], [1], torch.empty(3, dtype=torch.uint8))
+
+
 def test_gather_of_some_layers_only():
     layout = make_layout()
     pool = make_pool(layout)
@@ -395,7 +406,7 @@ def test_shm_round_trip_and_unlink():
     layout = make_layout()
     pages = PagedKV(make_pool(layout), layout).gather([0, 1, 2], [3, 4])
     exporter = ShmExporter()
-    info = exporter.export(pages, [0, 1, 2], [3, 4])
+    info = exporter.export(pages.numel(), lambda out: out.copy_(pages.view(-1)), [0, 1, 2], [3, 4])
     try:
         out = read_segment(info, pages.numel())
         assert torch.equal(out, pages.view(-1))
