@@ -32,6 +32,7 @@ class GatewayConfig:
     retry_after_s: int = 1  # Retry-After on 429
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "model_path", Path(self.model_path))  # accept a str too
         if not self.decode_addresses:
             raise ValueError("at least one decode worker address is required (--decode)")
         for address in (*self.prefill_addresses, *self.decode_addresses):

@@ -52,6 +52,13 @@ class GatewayServer:
         self.grpc_port: int | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         await self.pool.poll_once()
         self._poller = asyncio.create_task(self.pool.run_polling(self.config.load_interval_s))
         if self.config.grpc_port is not None:
@@ -91,7 +98,7 @@ class GatewayServer:
     async def stop(self) -> None:
         if self._uvicorn is not None and self._http_task is not None:
             self._uvicorn.should_exit = True
-            await self._http_task
+            await asyncio.gather(self._http_task, return_exceptions=True)  # failed or not
         if self._grpc is not None:
             await self._grpc.stop(grace=2)
         if self._poller is not None:
