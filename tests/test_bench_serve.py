@@ -330,3 +330,23 @@ def test_bench_compare_script_runs_both_servers_and_prints_ratios(fake_server, t
     assert completed[2:6] == ["4", "4", "4", "4"] and completed[6] == "1.00x"
     order = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("== ")]
     assert order == ["pdserve", "llama.cpp", "llama.cpp", "pdserve"]  # rounds alternate
+
+
+def test_sweep_table_plot_and_flags(tmp_path) -> None:
+    from pdserve.bench.sweep import SweepRow, markdown_table, parse_args, plot
+
+    args = parse_args(["--request-rates", "1,2.5", "--deployments", "disagg,aggregated",
+                       "--serve-args", "--model /m --kv-cache-memory 64MiB", "--",
+                       "--num-prompts", "8"])  # fmt: skip
+    assert args.request_rates == [1.0, 2.5] and args.deployments == ["disagg", "aggregated"]
+    assert args.serve_args == ["--model", "/m", "--kv-cache-memory", "64MiB"]
+    assert args.bench_args == ["--num-prompts", "8"]
+    with pytest.raises(SystemExit):
+        parse_args(["--deployments", "nonsense"])
+    rows = [SweepRow(d, r, f"{d}-{r}.json", {"p99_ttft_ms": 10.0 * r, "p99_itl_ms": 2.0 * r,
+                                              "completed": 8, "failed": 0})
+            for d in ("disagg", "aggregated") for r in (1.0, 2.5)]  # fmt: skip
+    table = markdown_table(rows).splitlines()
+    assert table[0].startswith("| deployment | req/s offered | completed | failed |")
+    assert table[2].startswith("| disagg | 1 | 8 | 0 |") and len(table) == 6
+    assert plot(rows, tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
