@@ -145,8 +145,10 @@ def delta_message(request_id: str, delta: ChoiceDelta) -> Any:
     return message
 
 
-async def start_grpc_server(core: GatewayCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Gateway + grpc.health.v1 + reflection on host:port (0: a free port). Returns the port."""
+async def start_grpc_server(
+    core: GatewayCore, host: str, port: int
+) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+    """Gateway + grpc.health.v1 + reflection on host:port (0: a free port)."""
     server = grpc.aio.server()
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
     health = health_aio.HealthServicer()
@@ -158,6 +160,12 @@ async def start_grpc_server(core: GatewayCore, host: str, port: int) -> tuple[gr
     if bound == 0:
         raise OSError(f"cannot bind the gRPC port {host}:{port}")
     await server.start()
+    await set_health(health, serving=True)
+    return server, bound, health
+
+
+async def set_health(health: health_aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else (
+        health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+        await health.set(name, status)

@@ -8,17 +8,18 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import uvicorn
 
 from gateway.config import GatewayConfig
 from gateway.core import GatewayCore
-from gateway.grpc_service import start_grpc_server
+from gateway.grpc_service import set_health, start_grpc_server
 from gateway.metrics import GatewayMetrics
 from gateway.openai.app import build_app
 from gateway.tokenizer import GatewayTokenizer
-from gateway.worker_pool import WorkerPool
+from gateway.worker_pool import DECODE, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class GatewayServer:
         self._http_task: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._health: Any = None  # grpc.health.v1 servicer, NOT_SERVING without a decode worker
         self.http_port: int | None = None
         self.grpc_port: int | None = None
 
@@ -60,14 +62,22 @@ class GatewayServer:
 
     async def _start(self) -> None:
         await self.pool.poll_once()
-        self._poller = asyncio.create_task(self.pool.run_polling(self.config.load_interval_s))
         if self.config.grpc_port is not None:
-            self._grpc, self.grpc_port = await start_grpc_server(
+            self._grpc, self.grpc_port, self._health = await start_grpc_server(
                 self.core, self.config.host, self.config.grpc_port
             )
+        self._poller = asyncio.create_task(self._poll_forever())
         await self._start_http()
         log.info("gateway serving %s: HTTP %s:%s, gRPC port %s", self.config.model_name,
                  self.config.host, self.http_port, self.grpc_port)
+
+    async def _poll_forever(self) -> None:
+        """Ask workers for their load; mirror 'a decode worker is healthy' in grpc.health.v1."""
+        while True:
+            if self._health is not None:
+                await set_health(self._health, serving=bool(self.pool.healthy(DECODE)))
+            await asyncio.sleep(self.config.load_interval_s)
+            await self.pool.poll_once()
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(self.app, host=self.config.host, port=self.config.http_port,

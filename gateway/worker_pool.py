@@ -73,11 +73,6 @@ class WorkerPool:
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(w) for w in self.workers))
 
-    async def run_polling(self, interval_s: float) -> None:
-        while True:
-            await self.poll_once()
-            await asyncio.sleep(interval_s)
-
     async def close(self) -> None:
         await asyncio.gather(*(w.client.close() for w in self.workers))
 

@@ -93,3 +93,32 @@ def test_request_needs_exactly_one_prompt_kind():
     request = build_request([1, 2], None, GenerationOptions(temperature=0.0, stop=("x",)), "id")
     assert request.WhichOneof("prompt") == "token_ids" and request.request_id == "id"
     assert request.params.HasField("temperature") and not request.params.HasField("top_p")
+
+
+def test_grpc_health_and_reflection_are_served(gw):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(gw.grpc_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Gateway"),
+                             timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"pdserve.v1.Gateway", "grpc.health.v1.Health"} <= names
+
+
+def test_example_script_runs(gw):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "examples/grpc_client.py", "--address",
+                          gw.grpc_address, "--max-tokens", "4", "hi"], cwd=repo,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "-> 'Hell'" in out.stdout and "cancelled after 5 tokens" in out.stdout
