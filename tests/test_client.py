@@ -121,4 +121,4 @@ def test_example_script_runs(gw):
                           gw.grpc_address, "--max-tokens", "4", "hi"], cwd=repo,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "-> 'Hell'" in out.stdout and "cancelled after 5 tokens" in out.stdout
+    assert "-> 'Hello'" in out.stdout and "cancelled after 5 tokens" in out.stdout
