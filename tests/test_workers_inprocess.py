@@ -301,3 +301,70 @@ def test_load_reports_and_health(tiny_llama):
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
     asyncio.run(main())
+
+
+def test_logprobs_survive_disaggregation(tiny_llama):
+    async def main():
+        engine = make_engine(tiny_llama)
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2)
+        engine.add_request("ref", PROMPTS[0], params)
+        expected = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                expected += out.new_logprobs or []
+        sampling = common_pb2.SamplingParams(
+            temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2
+        )
+        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+            reply = await prefill(pstub, "t-lp", PROMPTS[0], sampling)
+            assert reply.handle.HasField("first_token_logprobs")
+            req = worker_pb2.DecodeRequest(
+                request_id="r-lp", prompt_token_ids=PROMPTS[0], sampling=sampling,
+                kv_handle=reply.handle,
+            )  # fmt: skip
+            got = [lp async for chunk in dstub.Decode(req, timeout=30) for lp in chunk.logprobs]
+        assert len(got) == len(expected) == 5
+        for lp, (ref_lp, ref_top) in zip(got, expected, strict=True):
+            assert lp.logprob == pytest.approx(ref_lp, abs=1e-4)
+            top = {t.token_id: t.logprob for t in lp.top_logprobs}
+            assert top.keys() == ref_top.keys()
+
+    asyncio.run(main())
+
+
+def test_first_token_can_finish_the_request(tiny_llama, reference):
+    async def main():
+        one = common_pb2.SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+            reply = await prefill(pstub, "t-one", PROMPTS[0], one)
+            tokens, last = await decode(dstub, "r-one", PROMPTS[0], reply.handle, sampling=one)
+            assert tokens == reference[0][:1]
+            assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert_clean(await wait_all_free(pstub))
+            assert_clean(await wait_all_free(dstub))
+
+    asyncio.run(main())
+
+
+def test_drain_refuses_new_work_and_waits_for_leases(tiny_llama):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def main():
+        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+            await prefill(pstub, "t-held", PROMPTS[0])
+            await p.running.set_serving(False)
+            drain = asyncio.create_task(p.worker.drain(10.0))
+            await asyncio.sleep(0.1)
+            assert not drain.done()  # waits for the open lease
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await prefill(pstub, "t-new", PROMPTS[1])
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            async with grpc.aio.insecure_channel(p.address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="")
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await pstub.Release(worker_pb2.ReleaseRequest(transfer_id="t-held"))
+            await asyncio.wait_for(drain, 2.0)
+
+    asyncio.run(main())
