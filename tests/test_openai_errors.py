@@ -4,7 +4,6 @@ and the server keeps serving afterwards."""
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import replace
 
 import httpx
@@ -172,24 +171,4 @@ def test_overload_is_429_with_retry_after(gw):
 
 
 def test_server_still_serves_after_the_battery(gw):
-    assert_still_serving(gw)
-
-
-def test_random_bodies_never_get_5xx_or_422(gw):
-    """A seeded fuzz over request fields and value types: every answer is 200 or a 4xx body."""
-    rng = random.Random(1234)
-    values = [None, True, -1, 0, 1, 2, 3.5, -2.5, 1e9, "", "x", "\ud83d", [], [1], ["a"], {},
-              {"a": 1}, [[1, 2]], "\u0000", 10**30]
-    fields = ["prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
-              "logprobs", "echo", "logit_bias", "stream", "top_k", "min_p", "min_tokens",
-              "stop_token_ids", "presence_penalty", "repetition_penalty", "model", "stream_options"]
-    for _ in range(120):
-        body = {"prompt": "hi", "max_tokens": 2}
-        for name in rng.sample(fields, rng.randint(1, 4)):
-            body[name] = rng.choice(values)
-        path = rng.choice(["/v1/completions", "/v1/chat/completions"])
-        response = post(gw, path, json.dumps(body))
-        assert response.status_code in (200, 400, 404), (body, response.text)
-        if response.status_code != 200:
-            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert_still_serving(gw)
