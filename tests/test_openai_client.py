@@ -216,3 +216,17 @@ def test_worker_error_after_stream_start_is_an_error_event_then_done(gw):
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["code"] == 500 and "died mid-stream" in error["message"]
     assert gw.core.num_in_flight == 0
+
+
+def test_client_disconnect_before_a_non_streaming_answer_aborts(gw):
+    gw.decode.token_delay_s = 0.05
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{gw.http_url}/v1/completions", timeout=0.3,
+                       json={"prompt": LONG_PROMPT, "max_tokens": 200})
+        decode = gw.decode.calls.decodes[-1]
+        wait_until(lambda: decode.request_id in gw.decode.calls.aborts)
+        wait_until(lambda: decode.kv_handle.transfer_id in gw.prefill.calls.releases)
+        wait_until(lambda: gw.core.num_in_flight == 0)
+    finally:
+        gw.decode.token_delay_s = 0.0

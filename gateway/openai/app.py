@@ -22,6 +22,7 @@ from gateway.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from gateway.openai.streaming import ClientDisconnected
 from gateway.schema import ChatPrompt, TextPrompt
 from gateway.validation import check_token_ids
 from gateway.version import VERSION
@@ -31,6 +32,7 @@ from gateway.worker_pool import DECODE, PREFILL
 def build_app(core: GatewayCore) -> FastAPI:
     app = FastAPI(title="pdserve gateway", version=VERSION, docs_url=None, redoc_url=None)
     install_error_handlers(app, core.config.retry_after_s)
+    app.add_exception_handler(ClientDisconnected, _client_gone)
     _add_generation_routes(app, core)
     _add_info_routes(app, core)
     _add_tokenizer_routes(app, core)
@@ -97,6 +99,10 @@ def _add_tokenizer_routes(app: FastAPI, core: GatewayCore) -> None:
         check_model(core, body.model)
         check_token_ids(body.tokens, core.tokenizer.vocab_size, "tokens")
         return {"prompt": core.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody reads it; the request was aborted on the workers
 
 
 def _worker_states(core: GatewayCore, role: str) -> list[dict[str, Any]]:
