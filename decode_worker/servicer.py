@@ -13,7 +13,7 @@ from decode_worker.worker import DecodeCall, DecodeWorker
 from kvtransfer import wire as kv_wire
 from kvtransfer.grpc_errors import status_for
 from prefill_worker import wire
-from prefill_worker.servicer import worker_status
+from prefill_worker.grpc_server import worker_status
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

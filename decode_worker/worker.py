@@ -20,8 +20,7 @@ from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout
 from kvtransfer.pages import PagedKV
 from kvtransfer.shm import host_id
-from prefill_worker.grpc_server import channel_credentials
-from prefill_worker.worker import WorkerDrainingError
+from prefill_worker.grpc_server import WorkerDrainingError, channel_credentials
 
 log = logging.getLogger(__name__)
 

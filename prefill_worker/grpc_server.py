@@ -1,9 +1,12 @@
 """Serving plumbing shared by the prefill and decode workers: an asyncio gRPC server with
-grpc.health.v1 health, server reflection, optional TLS/mTLS, and a graceful drain."""
+grpc.health.v1 health, server reflection, optional TLS/mTLS, flags, status codes, and a
+graceful drain on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +16,33 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from engine.engine import QueueFullError
+from engine.engine_loop import EngineLoopStopped, EngineStepError
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 << 20  # KV chunks are <= 1 MiB; prompts of 1M tokens fit
+
+
+class WorkerDrainingError(RuntimeError):
+    """The worker is shutting down and takes no new requests."""
+
+
+# Engine/worker exceptions -> gRPC codes (the first match wins).
+_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WorkerDrainingError, grpc.StatusCode.UNAVAILABLE),
+    (EngineLoopStopped, grpc.StatusCode.UNAVAILABLE),
+    (EngineStepError, grpc.StatusCode.INTERNAL),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+def worker_status(exc: BaseException) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,3 +179,15 @@ def configure_logging(level: str) -> None:
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+async def serve_until_signal(server, announce: str) -> None:
+    """Print the listening line, wait for SIGINT/SIGTERM, then `await server.stop()` (drain)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(announce, flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()

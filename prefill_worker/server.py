@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 from engine.engine import LLMEngine
 from kvtransfer.service import KVTransferServicer
@@ -55,15 +53,3 @@ async def start_prefill_server(
     running = await start_server(options, register)
     worker.start(options.host, running.port)
     return PrefillServer(worker, running, kv)
-
-
-async def serve_until_signal(server, announce: str) -> None:
-    """Print the listening line, wait for SIGINT/SIGTERM, stop gracefully (both workers)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(announce, flush=True)
-    await stop.wait()
-    log.info("shutting down")
-    await server.stop()

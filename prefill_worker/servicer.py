@@ -7,30 +7,13 @@ import logging
 
 import grpc
 
-from engine.engine import QueueFullError
-from engine.engine_loop import EngineLoopStopped, EngineStepError
 from kvtransfer import wire as kv_wire
 from prefill_worker import wire
-from prefill_worker.worker import PrefillCall, PrefillWorker, WorkerDrainingError
+from prefill_worker.grpc_server import worker_status
+from prefill_worker.worker import PrefillCall, PrefillWorker
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (WorkerDrainingError, grpc.StatusCode.UNAVAILABLE),
-    (EngineLoopStopped, grpc.StatusCode.UNAVAILABLE),
-    (EngineStepError, grpc.StatusCode.INTERNAL),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-
-
-def worker_status(exc: BaseException) -> grpc.StatusCode:
-    """Engine/worker exceptions -> gRPC codes (shared by both workers)."""
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):

@@ -25,14 +25,11 @@ from kvtransfer.lease import FreeReason, Lease, LeaseConfig, LeaseTable
 from kvtransfer.pages import PagedKV
 from kvtransfer.shm import ShmExporter, host_id, shm_available
 from prefill_worker.config import PrefillWorkerConfig
+from prefill_worker.grpc_server import WorkerDrainingError
 
 log = logging.getLogger(__name__)
 
 FREED_SENTINEL_BYTE = 0xFF  # float32/bf16/fp16: NaN in every element
-
-
-class WorkerDrainingError(RuntimeError):
-    """The worker is shutting down and takes no new requests."""
 
 
 @dataclass(frozen=True, slots=True)

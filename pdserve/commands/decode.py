@@ -42,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from decode_worker.server import start_decode_server
     from engine.cli_args import engine_config_from_args
     from engine.engine import LLMEngine
-    from prefill_worker.grpc_server import configure_logging, server_options_from_args
-    from prefill_worker.server import serve_until_signal
+    from prefill_worker.grpc_server import (
+        configure_logging,
+        serve_until_signal,
+        server_options_from_args,
+    )
 
     configure_logging(args.log_level)
     config = config_from_args(args)

@@ -54,8 +54,12 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from engine.cli_args import engine_config_from_args
     from engine.engine import LLMEngine
-    from prefill_worker.grpc_server import configure_logging, server_options_from_args
-    from prefill_worker.server import serve_until_signal, start_prefill_server
+    from prefill_worker.grpc_server import (
+        configure_logging,
+        serve_until_signal,
+        server_options_from_args,
+    )
+    from prefill_worker.server import start_prefill_server
 
     configure_logging(args.log_level)
     config = config_from_args(args)
