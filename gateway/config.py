@@ -50,8 +50,12 @@ class GatewayConfig:
         for name in ("max_pending", "max_n", "max_stop_strings", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("prefill_timeout_s", "request_timeout_s", "control_timeout_s",
-                     "load_interval_s"):
+        for name in (
+            "prefill_timeout_s",
+            "request_timeout_s",
+            "control_timeout_s",
+            "load_interval_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.min_prefill_tokens < 0:

@@ -85,8 +85,14 @@ class GatewayCore:
         timeout = self.config.request_timeout_s
         if request.timeout_s is not None:
             timeout = min(timeout, request.timeout_s)
-        run = RequestRun(self, request_id, prompt_ids, request.params, max_tokens,
-                         deadline=time.monotonic() + timeout)
+        run = RequestRun(
+            self,
+            request_id,
+            prompt_ids,
+            request.params,
+            max_tokens,
+            deadline=time.monotonic() + timeout,
+        )
         self._runs[request_id] = run
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         return run
@@ -106,12 +112,16 @@ class GatewayCore:
             check_token_ids(ids, self.tokenizer.vocab_size, "prompt")
         elif isinstance(prompt, TextPrompt):
             check_text(prompt.text, "prompt")
-            ids = self.tokenizer.encode(prompt.text, prompt.add_special_tokens) if prompt.text else []
+            ids = (
+                self.tokenizer.encode(prompt.text, prompt.add_special_tokens) if prompt.text else []
+            )
         else:
             ids = self.tokenizer.encode(self.render_chat(prompt), add_special_tokens=False)
         if not ids:
-            raise invalid("the prompt is empty", "prompt" if not isinstance(prompt, ChatPrompt)
-                          else "messages")
+            raise invalid(
+                "the prompt is empty",
+                "prompt" if not isinstance(prompt, ChatPrompt) else "messages",
+            )
         return ids
 
     def render_chat(self, prompt: ChatPrompt) -> str:

@@ -39,7 +39,7 @@ class IncrementalDetokenizer:
         if full_text.endswith(_INCOMPLETE) or len(full_text) <= len(read_text):
             return ""
         self._advance()
-        return full_text[len(read_text):]
+        return full_text[len(read_text) :]
 
     def flush(self) -> str:
         """The text of tokens still held back (a trailing partial character decodes as U+FFFD)."""
@@ -47,10 +47,10 @@ class IncrementalDetokenizer:
             return ""
         read_text, full_text = self._window_texts()
         self._advance()
-        return full_text[len(read_text):]
+        return full_text[len(read_text) :]
 
     def _window_texts(self) -> tuple[str, str]:
-        window = self._ids[self._prefix:]
+        window = self._ids[self._prefix :]
         read = self._read - self._prefix
         decode = self._tokenizer.decode
         return decode(window[:read], skip_special_tokens=self._skip), decode(

@@ -123,8 +123,9 @@ class ChoiceDispatch:
             raise _gateway_error(exc) from exc
         if exc.code == grpc.StatusCode.UNAVAILABLE:
             self._pool.mark_failed(worker, str(exc))
-        log.warning("prefill of %s failed, prefilling on the decode worker: %s",
-                    self.request_id, exc)
+        log.warning(
+            "prefill of %s failed, prefilling on the decode worker: %s", self.request_id, exc
+        )
         return None
 
     async def _decode(
@@ -142,8 +143,12 @@ class ChoiceDispatch:
                 yield chunk
                 if finished:
                     return
-            raise WorkerRpcError(worker.address, "Decode", grpc.StatusCode.INTERNAL,
-                                 "the stream ended without a finish reason")
+            raise WorkerRpcError(
+                worker.address,
+                "Decode",
+                grpc.StatusCode.INTERNAL,
+                "the stream ended without a finish reason",
+            )
         except WorkerRpcError as exc:
             if exc.code == grpc.StatusCode.UNAVAILABLE:
                 self._pool.mark_failed(worker, str(exc))

@@ -44,9 +44,21 @@ _FINISH = {
 }
 # Optional scalar fields copied from GenerationParams (proto) to GenerationParams (core).
 _OPTIONAL_FIELDS = (
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "seed", "include_stop_str_in_output",
-    "ignore_eos", "min_tokens", "logprobs", "skip_special_tokens", "n",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "min_tokens",
+    "logprobs",
+    "skip_special_tokens",
+    "n",
 )
 
 
@@ -72,9 +84,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         u = run.usage
         yield gateway_pb2.GenerateResponse(
             request_id=run.request_id,
-            usage=common_pb2.Usage(prompt_tokens=u.prompt_tokens,
-                                   completion_tokens=u.completion_tokens,
-                                   cached_prompt_tokens=u.cached_tokens),
+            usage=common_pb2.Usage(
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                cached_prompt_tokens=u.cached_tokens,
+            ),
         )
 
     async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -153,8 +167,11 @@ async def start_grpc_server(
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME)
+    names = (
+        SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
     reflection.enable_server_reflection(names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -165,7 +182,10 @@ async def start_grpc_server(
 
 
 async def set_health(health: health_aio.HealthServicer, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else (
-        health_pb2.HealthCheckResponse.NOT_SERVING)
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else (health_pb2.HealthCheckResponse.NOT_SERVING)
+    )
     for name in ("", SERVICE_NAME):
         await health.set(name, status)

@@ -15,33 +15,90 @@ from prometheus_client.registry import Collector
 from gateway.worker_pool import WorkerPool
 
 _LATENCY_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
 )
-_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                120.0, 240.0, 480.0, 960.0)
+_E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+)
 
 
 class GatewayMetrics:
     def __init__(self, pool: WorkerPool) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token.",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("pdserve:inter_token_latency_seconds", "Time between tokens.",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "Request latency.",
-                             buckets=_E2E_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "pdserve:time_to_first_token_seconds",
+            "Time to first token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "pdserve:inter_token_latency_seconds",
+            "Time between tokens.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdserve:e2e_request_latency_seconds",
+            "Request latency.",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens.", registry=r)
-        self.generation_tokens = Counter("pdserve:generation_tokens", "Generated tokens.",
-                                         registry=r)
-        self.success = Counter("pdserve:request_success", "Finished choices by reason.",
-                               ["finished_reason"], registry=r)
-        self.failure = Counter("pdserve:request_failure", "Requests that failed, by error type.",
-                               ["error"], registry=r)
-        self.disaggregated = Counter("pdserve:disaggregated_requests",
-                                     "Choices by where the prompt was prefilled.",
-                                     ["prefill"], registry=r)
+        self.generation_tokens = Counter(
+            "pdserve:generation_tokens", "Generated tokens.", registry=r
+        )
+        self.success = Counter(
+            "pdserve:request_success",
+            "Finished choices by reason.",
+            ["finished_reason"],
+            registry=r,
+        )
+        self.failure = Counter(
+            "pdserve:request_failure", "Requests that failed, by error type.", ["error"], registry=r
+        )
+        self.disaggregated = Counter(
+            "pdserve:disaggregated_requests",
+            "Choices by where the prompt was prefilled.",
+            ["prefill"],
+            registry=r,
+        )
         r.register(_WorkerCollector(pool))
 
     def render(self) -> bytes:
@@ -56,16 +113,21 @@ class _WorkerCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["role", "worker"]
-        running = GaugeMetricFamily("pdserve:num_requests_running", "Running on workers.",
-                                    labels=labels)
-        waiting = GaugeMetricFamily("pdserve:num_requests_waiting", "Waiting on workers.",
-                                    labels=labels)
-        usage = GaugeMetricFamily("pdserve:kv_cache_usage_perc", "KV cache usage (0-1).",
-                                  labels=labels)
-        healthy = GaugeMetricFamily("pdserve:worker_healthy", "1 when the worker is healthy.",
-                                    labels=labels)
-        preemptions = CounterMetricFamily("pdserve:num_preemptions", "Preemptions on workers.",
-                                          labels=labels)
+        running = GaugeMetricFamily(
+            "pdserve:num_requests_running", "Running on workers.", labels=labels
+        )
+        waiting = GaugeMetricFamily(
+            "pdserve:num_requests_waiting", "Waiting on workers.", labels=labels
+        )
+        usage = GaugeMetricFamily(
+            "pdserve:kv_cache_usage_perc", "KV cache usage (0-1).", labels=labels
+        )
+        healthy = GaugeMetricFamily(
+            "pdserve:worker_healthy", "1 when the worker is healthy.", labels=labels
+        )
+        preemptions = CounterMetricFamily(
+            "pdserve:num_preemptions", "Preemptions on workers.", labels=labels
+        )
         for w in self._pool.workers:
             key = [w.role, w.address]
             healthy.add_metric(key, 1.0 if w.healthy else 0.0)

@@ -105,8 +105,9 @@ class RequestRun:
                 async for chunk in chunks:
                     delta = output.on_chunk(chunk.token_ids, chunk.logprobs, chunk.finish_reason)
                     if chunk.cached_tokens is not None:
-                        self.usage.cached_tokens = max(self.usage.cached_tokens,
-                                                       chunk.cached_tokens)
+                        self.usage.cached_tokens = max(
+                            self.usage.cached_tokens, chunk.cached_tokens
+                        )
                     if delta.token_ids or delta.text or delta.finish_reason:
                         self._queue.put_nowait(delta)
                     if output.finished:

@@ -68,8 +68,13 @@ class GatewayServer:
             )
         self._poller = asyncio.create_task(self._poll_forever())
         await self._start_http()
-        log.info("gateway serving %s: HTTP %s:%s, gRPC port %s", self.config.model_name,
-                 self.config.host, self.http_port, self.grpc_port)
+        log.info(
+            "gateway serving %s: HTTP %s:%s, gRPC port %s",
+            self.config.model_name,
+            self.config.host,
+            self.http_port,
+            self.grpc_port,
+        )
 
     async def _poll_forever(self) -> None:
         """Ask workers for their load; mirror 'a decode worker is healthy' in grpc.health.v1."""
@@ -80,9 +85,14 @@ class GatewayServer:
             await self.pool.poll_once()
 
     async def _start_http(self) -> None:
-        config = uvicorn.Config(self.app, host=self.config.host, port=self.config.http_port,
-                                log_level=self._log_level, lifespan="off",
-                                timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            self.app,
+            host=self.config.host,
+            port=self.config.http_port,
+            log_level=self._log_level,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
         self._uvicorn = _HttpServer(config)
         self._http_task = asyncio.create_task(self._uvicorn.serve())
         while not self._uvicorn.started:

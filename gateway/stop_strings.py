@@ -54,6 +54,6 @@ class StopStringMatcher:
     def _emit_until(self, end: int) -> str:
         if end <= self._emitted:
             return ""
-        out = self._text[self._emitted:end]
+        out = self._text[self._emitted : end]
         self._emitted = end
         return out

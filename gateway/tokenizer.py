@@ -25,8 +25,16 @@ from gateway.schema import ChatMessage
 
 # What transformers' `clean_up_tokenization` replaces when a tokenizer asks for it.
 _CLEANUPS = (
-    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
 )
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 DEFAULT_CONTEXT_CAP = 4096  # the engine's default max_model_len is min(model's, 4096)

@@ -50,39 +50,67 @@ def validate_params(p: GenerationParams, limits: Limits) -> None:
 
 
 def _check_sampling(p: GenerationParams) -> None:
-    _require(math.isfinite(p.temperature) and p.temperature >= 0,
-             f"temperature must be a finite number >= 0, got {p.temperature}", "temperature")
-    _require(math.isfinite(p.top_p) and 0 < p.top_p <= 1,
-             f"top_p must be in (0, 1], got {p.top_p}", "top_p")
+    _require(
+        math.isfinite(p.temperature) and p.temperature >= 0,
+        f"temperature must be a finite number >= 0, got {p.temperature}",
+        "temperature",
+    )
+    _require(
+        math.isfinite(p.top_p) and 0 < p.top_p <= 1,
+        f"top_p must be in (0, 1], got {p.top_p}",
+        "top_p",
+    )
     _require(p.top_k >= -1, f"top_k must be -1, 0 (disabled) or positive, got {p.top_k}", "top_k")
-    _require(math.isfinite(p.min_p) and 0 <= p.min_p <= 1,
-             f"min_p must be in [0, 1], got {p.min_p}", "min_p")
+    _require(
+        math.isfinite(p.min_p) and 0 <= p.min_p <= 1,
+        f"min_p must be in [0, 1], got {p.min_p}",
+        "min_p",
+    )
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(p, name)
-        _require(math.isfinite(value) and -2 <= value <= 2,
-                 f"{name} must be in [-2, 2], got {value}", name)
-    _require(math.isfinite(p.repetition_penalty) and 0 < p.repetition_penalty <= 2,
-             f"repetition_penalty must be in (0, 2], got {p.repetition_penalty}",
-             "repetition_penalty")
-    _require(p.seed is None or -INT64_MAX - 1 <= p.seed <= INT64_MAX,
-             f"seed must fit in 64 bits, got {p.seed}", "seed")
+        _require(
+            math.isfinite(value) and -2 <= value <= 2,
+            f"{name} must be in [-2, 2], got {value}",
+            name,
+        )
+    _require(
+        math.isfinite(p.repetition_penalty) and 0 < p.repetition_penalty <= 2,
+        f"repetition_penalty must be in (0, 2], got {p.repetition_penalty}",
+        "repetition_penalty",
+    )
+    _require(
+        p.seed is None or -INT64_MAX - 1 <= p.seed <= INT64_MAX,
+        f"seed must fit in 64 bits, got {p.seed}",
+        "seed",
+    )
 
 
 def _check_counts(p: GenerationParams, limits: Limits) -> None:
     _require(1 <= p.n <= limits.max_n, f"n must be in [1, {limits.max_n}], got {p.n}", "n")
-    _require(p.max_tokens is None or p.max_tokens >= 1,
-             f"max_tokens must be >= 1, got {p.max_tokens}", "max_tokens")
+    _require(
+        p.max_tokens is None or p.max_tokens >= 1,
+        f"max_tokens must be >= 1, got {p.max_tokens}",
+        "max_tokens",
+    )
     _require(p.min_tokens >= 0, f"min_tokens must be >= 0, got {p.min_tokens}", "min_tokens")
-    _require(p.max_tokens is None or p.min_tokens <= p.max_tokens,
-             f"min_tokens ({p.min_tokens}) must be <= max_tokens ({p.max_tokens})", "min_tokens")
-    _require(p.logprobs is None or 0 <= p.logprobs <= limits.max_logprobs,
-             f"logprobs must be in [0, {limits.max_logprobs}], got {p.logprobs}", "logprobs")
+    _require(
+        p.max_tokens is None or p.min_tokens <= p.max_tokens,
+        f"min_tokens ({p.min_tokens}) must be <= max_tokens ({p.max_tokens})",
+        "min_tokens",
+    )
+    _require(
+        p.logprobs is None or 0 <= p.logprobs <= limits.max_logprobs,
+        f"logprobs must be in [0, {limits.max_logprobs}], got {p.logprobs}",
+        "logprobs",
+    )
 
 
 def _check_stops(p: GenerationParams, limits: Limits) -> None:
-    _require(len(p.stop) <= limits.max_stop_strings,
-             f"at most {limits.max_stop_strings} stop strings are allowed, got {len(p.stop)}",
-             "stop")
+    _require(
+        len(p.stop) <= limits.max_stop_strings,
+        f"at most {limits.max_stop_strings} stop strings are allowed, got {len(p.stop)}",
+        "stop",
+    )
     for stop in p.stop:
         _require(stop != "", "stop strings must not be empty", "stop")
         check_text(stop, "stop")

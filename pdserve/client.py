@@ -136,6 +136,7 @@ class GatewayCallError(Exception):
 
 # -- sync ---------------------------------------------------------------------------------------
 
+
 class GenerationStream:
     """Iterate for chunks; `cancel()` (or leaving the `with` block early) aborts the request."""
 
@@ -186,8 +187,9 @@ class GatewayClient:
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> GenerationResult:
-        with self.stream(prompt, options, messages=messages, request_id=request_id,
-                         timeout=timeout) as chunks:
+        with self.stream(
+            prompt, options, messages=messages, request_id=request_id, timeout=timeout
+        ) as chunks:
             return aggregate(chunks)
 
     def abort(self, request_id: str) -> bool:
@@ -214,6 +216,7 @@ class GatewayClient:
 
 
 # -- asyncio ------------------------------------------------------------------------------------
+
 
 class AsyncGenerationStream:
     """`async for` for chunks; `cancel()` (or leaving `async with` early) aborts the request."""
@@ -254,9 +257,7 @@ class AsyncGatewayClient:
         timeout: float | None = None,
     ) -> AsyncGenerationStream:
         request = build_request(prompt, messages, options, request_id)
-        return AsyncGenerationStream(
-            self._stub.Generate(request, timeout=timeout or self._timeout)
-        )
+        return AsyncGenerationStream(self._stub.Generate(request, timeout=timeout or self._timeout))
 
     async def generate(
         self,
@@ -267,8 +268,9 @@ class AsyncGatewayClient:
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> GenerationResult:
-        async with self.stream(prompt, options, messages=messages, request_id=request_id,
-                               timeout=timeout) as stream:
+        async with self.stream(
+            prompt, options, messages=messages, request_id=request_id, timeout=timeout
+        ) as stream:
             return aggregate([chunk async for chunk in stream])
 
     async def abort(self, request_id: str) -> bool:
@@ -296,6 +298,7 @@ class AsyncGatewayClient:
 
 
 # -- conversions ----------------------------------------------------------------------------------
+
 
 def build_request(
     prompt: Prompt | None,
@@ -374,8 +377,16 @@ def _chunk(message: Any) -> GenerationChunk:
 
 
 def _model_info(m: Any) -> ModelInfo:
-    return ModelInfo(m.model, m.max_model_len, m.vocab_size, tuple(m.eos_token_ids), m.max_n,
-                     m.max_logprobs, m.version, m.has_chat_template)
+    return ModelInfo(
+        m.model,
+        m.max_model_len,
+        m.vocab_size,
+        tuple(m.eos_token_ids),
+        m.max_n,
+        m.max_logprobs,
+        m.version,
+        m.has_chat_template,
+    )
 
 
 def _call_error(exc: grpc.RpcError) -> GatewayCallError:

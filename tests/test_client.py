@@ -40,16 +40,17 @@ def gw(tmp_path_factory):
 
 def test_sync_generate_with_chat_messages_and_model_info(gw):
     with GatewayClient(gw.grpc_address, timeout=10) as client:
-        result = client.generate(messages=[{"role": "user", "content": "hi"}],
-                                 options=GenerationOptions(max_tokens=4, logprobs=1))
+        result = client.generate(
+            messages=[{"role": "user", "content": "hi"}],
+            options=GenerationOptions(max_tokens=4, logprobs=1),
+        )
         info = client.model_info()
     assert result.text == "Hello" and result.choices[0].finish_reason == "length"
     assert [lp.logprob for lp in result.choices[0].logprobs] == [-0.5] * 4
     assert len(result.choices[0].logprobs[0].top) == 1
     prompt = gw.tok.decode(result.prompt_token_ids, skip_special_tokens=False)
     assert prompt.endswith("<|im_start|>assistant\n")
-    assert (info.model, info.max_model_len, info.vocab_size) == ("tiny", 256,
-                                                                 gw.tok.vocab_size)
+    assert (info.model, info.max_model_len, info.vocab_size) == ("tiny", 256, gw.tok.vocab_size)
     assert info.has_chat_template and info.max_logprobs == 20
 
 
@@ -101,8 +102,7 @@ def test_grpc_health_and_reflection_are_served(gw):
 
     with grpc.insecure_channel(gw.grpc_address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        reply = health.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Gateway"),
-                             timeout=5)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Gateway"), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
@@ -117,8 +117,20 @@ def test_example_script_runs(gw):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "examples/grpc_client.py", "--address",
-                          gw.grpc_address, "--max-tokens", "4", "hi"], cwd=repo,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "examples/grpc_client.py",
+            "--address",
+            gw.grpc_address,
+            "--max-tokens",
+            "4",
+            "hi",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "-> 'Hello'" in out.stdout and "cancelled after 5 tokens" in out.stdout

@@ -20,9 +20,24 @@ def parse(argv):
 def test_flags_become_a_config(tmp_path, monkeypatch):
     folder = build_tiny_model_folder(tmp_path)
     monkeypatch.setenv(cmd.API_KEY_ENV, "from-env")
-    args = parse(["--model", str(folder), "--prefill", "127.0.0.1:1, 127.0.0.1:2",
-                  "--decode", "127.0.0.1:3", "--max-pending", "7", "--min-prefill-tokens", "0",
-                  "--grpc-port", "-1", "--served-model-name", "m"])
+    args = parse(
+        [
+            "--model",
+            str(folder),
+            "--prefill",
+            "127.0.0.1:1, 127.0.0.1:2",
+            "--decode",
+            "127.0.0.1:3",
+            "--max-pending",
+            "7",
+            "--min-prefill-tokens",
+            "0",
+            "--grpc-port",
+            "-1",
+            "--served-model-name",
+            "m",
+        ]
+    )
     config = cmd.config_from_args(args, cmd.resolve_model_folder(args.model))
     assert config.prefill_addresses == ("127.0.0.1:1", "127.0.0.1:2")
     assert config.decode_addresses == ("127.0.0.1:3",)
@@ -32,14 +47,17 @@ def test_flags_become_a_config(tmp_path, monkeypatch):
     assert cmd.config_from_args(args, folder).api_key == "flag"
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"decode_addresses": ()}, "decode worker"),
-    ({"decode_addresses": ("nohost",)}, "HOST:PORT"),
-    ({"prefill_addresses": ("h:1", "h:1")}, "twice"),
-    ({"max_pending": 0}, "max_pending"),
-    ({"api_key": ""}, "api_key"),
-    ({"min_prefill_tokens": -1}, "min_prefill_tokens"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"decode_addresses": ()}, "decode worker"),
+        ({"decode_addresses": ("nohost",)}, "HOST:PORT"),
+        ({"prefill_addresses": ("h:1", "h:1")}, "twice"),
+        ({"max_pending": 0}, "max_pending"),
+        ({"api_key": ""}, "api_key"),
+        ({"min_prefill_tokens": -1}, "min_prefill_tokens"),
+    ],
+)
 def test_config_refuses_bad_values(tmp_path, change, message):
     values = {"model_path": tmp_path, "decode_addresses": ("127.0.0.1:1",), **change}
     with pytest.raises(ValueError, match=message):

@@ -53,8 +53,11 @@ def build_tiny_model_folder(folder: Path, max_position_embeddings: int = 256) ->
         "clean_up_tokenization_spaces": False,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    model = {"vocab_size": tok.get_vocab_size(), "max_position_embeddings": max_position_embeddings,
-             "eos_token_id": eos}
+    model = {
+        "vocab_size": tok.get_vocab_size(),
+        "max_position_embeddings": max_position_embeddings,
+        "eos_token_id": eos,
+    }
     (folder / "config.json").write_text(json.dumps(model))
     return folder
 
@@ -118,15 +121,23 @@ class FakeWorker:
         return ids[:max_tokens], common_pb2.FINISH_REASON_LENGTH
 
     def load(self) -> common_pb2.LoadReport:
-        return common_pb2.LoadReport(engine_id=f"fake-{self.role}", role=self.role,
-                                     queue_depth=self.queue_depth,
-                                     kv_cache_usage=self.kv_cache_usage, serving=self.serving,
-                                     num_running=1, num_waiting=2, num_blocks=100)
+        return common_pb2.LoadReport(
+            engine_id=f"fake-{self.role}",
+            role=self.role,
+            queue_depth=self.queue_depth,
+            kv_cache_usage=self.kv_cache_usage,
+            serving=self.serving,
+            num_running=1,
+            num_waiting=2,
+            num_blocks=100,
+        )
 
 
 def _token_logprobs(sampling, token_id: int) -> common_pb2.TokenLogprobs:
-    top = [common_pb2.Logprob(token_id=token_id + k, logprob=-0.5 - k)
-           for k in range(sampling.logprobs)]
+    top = [
+        common_pb2.Logprob(token_id=token_id + k, logprob=-0.5 - k)
+        for k in range(sampling.logprobs)
+    ]
     return common_pb2.TokenLogprobs(logprob=-0.5, top_logprobs=top)
 
 
@@ -140,9 +151,14 @@ class _Prefill(worker_pb2_grpc.PrefillServiceServicer):
         if self.w.fail_with is not None:
             context.abort(self.w.fail_with, "fake prefill failure")
         first = self.w.reply_ids[0]
-        handle = worker_pb2.KVHandle(engine_id="fake-prefill", transfer_id=request.transfer_id,
-                                     num_tokens=len(request.prompt_token_ids), first_token=first,
-                                     kv_endpoint=self.w.address, lease_ms=30000)
+        handle = worker_pb2.KVHandle(
+            engine_id="fake-prefill",
+            transfer_id=request.transfer_id,
+            num_tokens=len(request.prompt_token_ids),
+            first_token=first,
+            kv_endpoint=self.w.address,
+            lease_ms=30000,
+        )
         usage = common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=1)
         return worker_pb2.PrefillResponse(handle=handle, usage=usage)
 
@@ -177,8 +193,11 @@ class _Decode(worker_pb2_grpc.DecodeServiceServicer):
                 chunk.logprobs.append(_token_logprobs(request.sampling, token_id))
             if i == len(ids) - 1:
                 chunk.finish_reason = reason
-                chunk.usage.CopyFrom(common_pb2.Usage(
-                    prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(ids)))
+                chunk.usage.CopyFrom(
+                    common_pb2.Usage(
+                        prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(ids)
+                    )
+                )
             yield chunk
 
     def Abort(self, request, context):
@@ -254,6 +273,7 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
 
 # -- tests of the support itself ----------------------------------------------------------------
 
+
 def test_tiny_tokenizer_round_trips_multibyte_text(tmp_path):
     from gateway.tokenizer import GatewayTokenizer
 
@@ -268,8 +288,9 @@ def test_fake_worker_streams_reply_then_length(tmp_path):
     worker = FakeWorker("decode", [5, 6, 7], eos_id=1).start()
     try:
         stub = worker_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(worker.address))
-        request = worker_pb2.DecodeRequest(request_id="r", prompt_token_ids=[1],
-                                           sampling=common_pb2.SamplingParams(max_tokens=4))
+        request = worker_pb2.DecodeRequest(
+            request_id="r", prompt_token_ids=[1], sampling=common_pb2.SamplingParams(max_tokens=4)
+        )
         chunks = list(stub.Decode(request, timeout=5))
     finally:
         worker.stop()

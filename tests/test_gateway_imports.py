@@ -34,7 +34,12 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in forbidden))
 
 def test_a_running_gateway_imports_no_torch_engine_or_transformers(tmp_path):
     folder = build_tiny_model_folder(tmp_path)
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], cwd=REPO, timeout=120,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(folder)],
+        cwd=REPO,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

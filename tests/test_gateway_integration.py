@@ -36,15 +36,36 @@ MAX_TOKENS = 12
 
 class GatewayProcess:
     def __init__(self, model: Path, prefill: str, decode: str, log_path: Path) -> None:
-        argv = [sys.executable, "-m", "pdserve.cli", "gateway", "--model", str(model),
-                "--prefill", prefill, "--decode", decode, "--port", "0", "--grpc-port", "0",
-                "--min-prefill-tokens", "8", "--served-model-name", "tiny",
-                "--load-interval", "0.2", "--log-level", "warning"]
+        argv = [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "gateway",
+            "--model",
+            str(model),
+            "--prefill",
+            prefill,
+            "--decode",
+            decode,
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--min-prefill-tokens",
+            "8",
+            "--served-model-name",
+            "tiny",
+            "--load-interval",
+            "0.2",
+            "--log-level",
+            "warning",
+        ]
         self.log_path = log_path
         self._log = open(log_path, "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env
+        )
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         self.http = self.grpc = ""
@@ -130,13 +151,15 @@ def test_greedy_text_equals_offline_llm(cluster, offline):
     client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused")
     before = remote_prefills(g.http)
     for prompt in (LONG_PROMPT, SHORT_PROMPT):
-        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS,
-                                        temperature=0.0)
+        out = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0
+        )
         assert out.choices[0].text == offline[prompt].text, prompt
     assert remote_prefills(g.http) == before + 1  # the long prompt went through the prefill worker
     with GatewayClient(g.grpc, timeout=60) as grpc_client:
-        result = grpc_client.generate(LONG_PROMPT,
-                                      GenerationOptions(max_tokens=MAX_TOKENS, temperature=0.0))
+        result = grpc_client.generate(
+            LONG_PROMPT, GenerationOptions(max_tokens=MAX_TOKENS, temperature=0.0)
+        )
     assert result.choices[0].token_ids == offline[LONG_PROMPT].token_ids
     assert result.text == offline[LONG_PROMPT].text
 
@@ -144,37 +167,56 @@ def test_greedy_text_equals_offline_llm(cluster, offline):
 def test_streaming_adds_up_to_the_offline_text(cluster, offline):
     _, _, g = cluster
     client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused")
-    stream = client.completions.create(model="tiny", prompt=LONG_PROMPT, max_tokens=MAX_TOKENS,
-                                       temperature=0.0, stream=True,
-                                       stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model="tiny",
+        prompt=LONG_PROMPT,
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == offline[LONG_PROMPT].text
     assert chunks[-1].usage.completion_tokens == len(offline[LONG_PROMPT].token_ids)
-    chat = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0.0,
-                                          messages=[{"role": "user", "content": "hi"}])
+    chat = client.chat.completions.create(
+        model="tiny", max_tokens=4, temperature=0.0, messages=[{"role": "user", "content": "hi"}]
+    )
     assert chat.choices[0].finish_reason in ("stop", "length")
 
 
 def test_seeded_sampling_is_reproducible(cluster):
     _, _, g = cluster
     client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused")
-    runs = [client.completions.create(model="tiny", prompt=LONG_PROMPT, max_tokens=8, n=2,
-                                      seed=123, temperature=1.0) for _ in range(2)]
+    runs = [
+        client.completions.create(
+            model="tiny", prompt=LONG_PROMPT, max_tokens=8, n=2, seed=123, temperature=1.0
+        )
+        for _ in range(2)
+    ]
     assert [c.text for c in runs[0].choices] == [c.text for c in runs[1].choices]
 
 
 def test_disconnect_mid_stream_frees_blocks_on_both_workers(cluster):
     p, d, g = cluster
-    body = {"model": "tiny", "prompt": LONG_PROMPT, "max_tokens": 400, "stream": True,
-            "ignore_eos": True, "temperature": 0.0}
+    body = {
+        "model": "tiny",
+        "prompt": LONG_PROMPT,
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
     with httpx.stream("POST", f"{g.http}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(6):  # a few tokens in
             next(lines)
     for address in (p.address, d.address):
         channel = grpc.insecure_channel(address)
-        stub = (worker_pb2_grpc.PrefillServiceStub if address == p.address
-                else worker_pb2_grpc.DecodeServiceStub)(channel)
+        stub = (
+            worker_pb2_grpc.PrefillServiceStub
+            if address == p.address
+            else worker_pb2_grpc.DecodeServiceStub
+        )(channel)
         state = wait_clean(stub, timeout=20)
         assert state.num_free_blocks == state.num_blocks, state
         assert state.num_held_leases == 0 and state.num_running == 0, state

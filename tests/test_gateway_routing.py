@@ -228,8 +228,12 @@ def test_decode_worker_failure_is_unavailable_and_marks_it_unhealthy(cluster):
 
 def test_invalid_parameters_are_invalid_argument(cluster):
     c = cluster()
-    for options in (GenerationOptions(temperature=-1.0), GenerationOptions(n=0),
-                    GenerationOptions(max_tokens=10_000), GenerationOptions(stop=("",))):
+    for options in (
+        GenerationOptions(temperature=-1.0),
+        GenerationOptions(n=0),
+        GenerationOptions(max_tokens=10_000),
+        GenerationOptions(stop=("",)),
+    ):
         with pytest.raises(GatewayCallError) as err:
             c.client.generate("hi", options)
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, options

@@ -9,10 +9,20 @@ from test_gateway_fakes import build_tiny_model_folder
 from gateway.schema import ChatMessage
 from gateway.tokenizer import ChatTemplateError, GatewayTokenizer
 
-TEXTS = ["hello world", "the quick brown fox", " leading space", "ünïcode ✓ and 漢字",
-         "<|im_start|>user\nhi<|im_end|>", ""]
-CONVERSATION = [ChatMessage("system", "be brief"), ChatMessage("user", "hello there"),
-                ChatMessage("assistant", "hi"), ChatMessage("user", "and again?")]
+TEXTS = [
+    "hello world",
+    "the quick brown fox",
+    " leading space",
+    "ünïcode ✓ and 漢字",
+    "<|im_start|>user\nhi<|im_end|>",
+    "",
+]
+CONVERSATION = [
+    ChatMessage("system", "be brief"),
+    ChatMessage("user", "hello there"),
+    ChatMessage("assistant", "hi"),
+    ChatMessage("user", "and again?"),
+]
 
 
 @pytest.fixture(params=["tiny_llama", "byte_level"])

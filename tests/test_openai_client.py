@@ -57,8 +57,13 @@ def test_completion_default_max_tokens_is_16(gw):
 
 
 def test_completion_stream_with_usage(gw):
-    stream = gw.client.completions.create(model="tiny", prompt="hi", max_tokens=n_reply(gw),
-                                          stream=True, stream_options={"include_usage": True})
+    stream = gw.client.completions.create(
+        model="tiny",
+        prompt="hi",
+        max_tokens=n_reply(gw),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == REPLY
@@ -76,11 +81,14 @@ def test_completion_n2_and_several_prompts(gw):
 
 
 def test_completion_stop_echo_and_logprobs(gw):
-    out = gw.client.completions.create(model="tiny", prompt="hi", max_tokens=30, stop=["wor"],
-                                       echo=True)
+    out = gw.client.completions.create(
+        model="tiny", prompt="hi", max_tokens=30, stop=["wor"], echo=True
+    )
     assert out.choices[0].text == "hiHello "
     assert (out.choices[0].finish_reason, out.choices[0].model_extra["stop_reason"]) == (
-        "stop", "wor")
+        "stop",
+        "wor",
+    )
     out = gw.client.completions.create(model="tiny", prompt="hi", max_tokens=3, logprobs=2)
     lp = out.choices[0].logprobs
     assert lp.tokens == ["H", "e", "ll"] and lp.token_logprobs == [-0.5] * 3
@@ -89,20 +97,28 @@ def test_completion_stop_echo_and_logprobs(gw):
 
 def test_chat(gw):
     out = gw.client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Say hello"}], max_tokens=4)
+        model="tiny", messages=[{"role": "user", "content": "Say hello"}], max_tokens=4
+    )
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == "Hello"
     # the chat template was applied before tokenizing
     prompt = gw.decode.calls.decodes[-1].prompt_token_ids
     assert gw.tok.decode(prompt, skip_special_tokens=False) == (
-        "<|im_start|>user\nSay hello<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nSay hello<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_chat_text_parts_and_max_completion_tokens(gw):
     out = gw.client.chat.completions.create(
-        model="tiny", max_completion_tokens=2,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                {"type": "text", "text": "b"}]}])
+        model="tiny",
+        max_completion_tokens=2,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            }
+        ],
+    )
     assert out.choices[0].message.content == "He"
     prompt = gw.decode.calls.decodes[-1].prompt_token_ids
     assert "<|im_start|>user\nab<|im_end|>" in gw.tok.decode(prompt, skip_special_tokens=False)
@@ -110,8 +126,15 @@ def test_chat_text_parts_and_max_completion_tokens(gw):
 
 def test_chat_stream_role_then_content_then_usage(gw):
     stream = gw.client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=n_reply(gw), n=2,
-        stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=1)
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=n_reply(gw),
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+        logprobs=True,
+        top_logprobs=1,
+    )
     chunks = list(stream)
     for index in (0, 1):
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
@@ -124,19 +147,35 @@ def test_chat_stream_role_then_content_then_usage(gw):
 
 def test_chat_logprobs_non_streaming(gw):
     out = gw.client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-        logprobs=True, top_logprobs=3)
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = out.choices[0].logprobs.content
     assert [e.token for e in content] == ["H", "e"]
     assert len(content[0].top_logprobs) == 3 and content[0].bytes == [72]
 
 
 def test_seed_reaches_the_workers(gw):
-    gw.client.completions.create(model="tiny", prompt="hi", max_tokens=2, seed=7, n=2,
-                                 temperature=0.8, top_p=0.9,
-                                 extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1,
-                                             "min_tokens": 1, "ignore_eos": True,
-                                             "stop_token_ids": [3]})
+    gw.client.completions.create(
+        model="tiny",
+        prompt="hi",
+        max_tokens=2,
+        seed=7,
+        n=2,
+        temperature=0.8,
+        top_p=0.9,
+        extra_body={
+            "top_k": 5,
+            "min_p": 0.1,
+            "repetition_penalty": 1.1,
+            "min_tokens": 1,
+            "ignore_eos": True,
+            "stop_token_ids": [3],
+        },
+    )
     sent = sorted(gw.decode.calls.decodes[-2:], key=lambda d: d.request_id)
     assert [d.sampling.seed for d in sent] == [7, 8]
     s = sent[0].sampling
@@ -147,8 +186,12 @@ def test_seed_reaches_the_workers(gw):
 def test_client_disconnect_mid_stream_aborts_end_to_end(gw):
     gw.decode.token_delay_s = 0.05
     try:
-        with httpx.stream("POST", f"{gw.http_url}/v1/completions", timeout=10,
-                          json={"prompt": LONG_PROMPT, "max_tokens": 200, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            f"{gw.http_url}/v1/completions",
+            timeout=10,
+            json={"prompt": LONG_PROMPT, "max_tokens": 200, "stream": True},
+        ) as r:
             lines = r.iter_lines()
             next(lines)
         decode = gw.decode.calls.decodes[-1]
@@ -169,8 +212,9 @@ def test_models_version_tokenize_detokenize(gw):
     assert ids["tokens"] == gw.tok.encode("hello") and ids["count"] == len(ids["tokens"])
     text = httpx.post(f"{gw.http_url}/detokenize", json={"tokens": ids["tokens"]}).json()
     assert text == {"prompt": "hello"}
-    chat = httpx.post(f"{gw.http_url}/tokenize",
-                      json={"messages": [{"role": "user", "content": "x"}]}).json()
+    chat = httpx.post(
+        f"{gw.http_url}/tokenize", json={"messages": [{"role": "user", "content": "x"}]}
+    ).json()
     assert chat["count"] > 5
     assert httpx.post(f"{gw.http_url}/detokenize", json={"tokens": [10**8]}).status_code == 400
 
@@ -179,12 +223,18 @@ def test_metrics_cover_gateway_and_workers(gw):
     gw.client.completions.create(model="tiny", prompt="hi", max_tokens=4)
     gw.poll()
     text = httpx.get(f"{gw.http_url}/metrics").text
-    for name in ("pdserve:time_to_first_token_seconds_bucket",
-                 "pdserve:inter_token_latency_seconds_bucket",
-                 "pdserve:e2e_request_latency_seconds_bucket", "pdserve:prompt_tokens_total",
-                 "pdserve:generation_tokens_total", 'finished_reason="length"',
-                 "pdserve:num_requests_running{", "pdserve:num_requests_waiting{",
-                 "pdserve:kv_cache_usage_perc{", "pdserve:num_preemptions_total{"):
+    for name in (
+        "pdserve:time_to_first_token_seconds_bucket",
+        "pdserve:inter_token_latency_seconds_bucket",
+        "pdserve:e2e_request_latency_seconds_bucket",
+        "pdserve:prompt_tokens_total",
+        "pdserve:generation_tokens_total",
+        'finished_reason="length"',
+        "pdserve:num_requests_running{",
+        "pdserve:num_requests_waiting{",
+        "pdserve:kv_cache_usage_perc{",
+        "pdserve:num_preemptions_total{",
+    ):
         assert name in text, name
 
 
@@ -206,8 +256,12 @@ def test_health_is_503_without_a_healthy_decode_worker(gw):
 def test_worker_error_after_stream_start_is_an_error_event_then_done(gw):
     gw.decode.fail_after = 3
     try:
-        with httpx.stream("POST", f"{gw.http_url}/v1/completions", timeout=10,
-                          json={"prompt": "hi", "max_tokens": 100, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            f"{gw.http_url}/v1/completions",
+            timeout=10,
+            json={"prompt": "hi", "max_tokens": 100, "stream": True},
+        ) as r:
             assert r.status_code == 200
             events = [line for line in r.iter_lines() if line]
     finally:
@@ -222,8 +276,11 @@ def test_client_disconnect_before_a_non_streaming_answer_aborts(gw):
     gw.decode.token_delay_s = 0.05
     try:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{gw.http_url}/v1/completions", timeout=0.3,
-                       json={"prompt": LONG_PROMPT, "max_tokens": 200})
+            httpx.post(
+                f"{gw.http_url}/v1/completions",
+                timeout=0.3,
+                json={"prompt": LONG_PROMPT, "max_tokens": 200},
+            )
         decode = gw.decode.calls.decodes[-1]
         wait_until(lambda: decode.request_id in gw.decode.calls.aborts)
         wait_until(lambda: decode.kv_handle.transfer_id in gw.prefill.calls.releases)

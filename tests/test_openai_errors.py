@@ -28,8 +28,11 @@ def gw(tmp_path_factory):
     tok = GatewayTokenizer(folder)
     reply, eos = tok.encode(REPLY), tok.eos_token_ids[0]
     workers = [FakeWorker("prefill", reply, eos).start(), FakeWorker("decode", reply, eos).start()]
-    harness = GatewayHarness(make_config(folder, workers[:1], workers[1:], api_key=API_KEY,
-                                         max_body_bytes=64 * 1024, max_n=4))
+    harness = GatewayHarness(
+        make_config(
+            folder, workers[:1], workers[1:], api_key=API_KEY, max_body_bytes=64 * 1024, max_n=4
+        )
+    )
     harness.workers = workers
     harness.http = httpx.Client(base_url=harness.http_url, headers=AUTH, timeout=20)
     yield harness
@@ -108,8 +111,10 @@ CHAT_BAD = [
     ({"messages": [{"role": "user", "content": 5}]}, None),
     ({"messages": [{"role": "user", "content": "x\u0000"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 50},
-     "logprobs"),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 50},
+        "logprobs",
+    ),
 ]
 
 
@@ -129,8 +134,14 @@ def test_prompt_over_the_context_is_400_with_lengths(gw):
 def test_unknown_model_is_404(gw):
     response = post(gw, "/v1/completions", {"model": "gpt-9", "prompt": "hi"})
     assert_error(response, 404, "model")
-    assert_error(post(gw, "/v1/chat/completions",
-                      {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), 404)
+    assert_error(
+        post(
+            gw,
+            "/v1/chat/completions",
+            {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        404,
+    )
 
 
 def test_unknown_route_is_404_with_error_body(gw):
@@ -139,8 +150,9 @@ def test_unknown_route_is_404_with_error_body(gw):
 
 def test_wrong_or_missing_api_key_is_401(gw):
     for headers in ({"Authorization": "Bearer wrong"}, {"Authorization": ""}, {}):
-        response = httpx.post(f"{gw.http_url}/v1/completions", json={"prompt": "hi"},
-                              headers=headers)
+        response = httpx.post(
+            f"{gw.http_url}/v1/completions", json={"prompt": "hi"}, headers=headers
+        )
         assert_error(response, 401)
     assert_error(httpx.get(f"{gw.http_url}/v1/models"), 401)
     assert httpx.get(f"{gw.http_url}/health").status_code == 200  # not under /v1
@@ -157,8 +169,9 @@ def test_overload_is_429_with_retry_after(gw):
     core.config = replace(old, max_pending=1)
     gw.workers[1].token_delay_s = 0.05
     try:
-        with gw.http.stream("POST", "/v1/completions",
-                            json={"prompt": "hi", "max_tokens": 50, "stream": True}) as held:
+        with gw.http.stream(
+            "POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 50, "stream": True}
+        ) as held:
             lines = held.iter_lines()  # keep a reference: a dropped iterator closes the stream
             next(lines)
             assert core.num_in_flight == 1

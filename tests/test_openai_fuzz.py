@@ -19,26 +19,61 @@ from test_gateway_fakes import (
 
 from gateway.tokenizer import GatewayTokenizer
 
-FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-          "top_p", "n", "seed", "stop", "presence_penalty", "frequency_penalty", "logprobs",
-          "top_logprobs", "echo", "logit_bias", "stream", "stream_options", "user", "top_k",
-          "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-          "include_stop_str_in_output", "skip_special_tokens", "suffix", "best_of"]
-scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "x"])},
-                                optional={"content": values})
+FIELDS = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "logit_bias",
+    "stream",
+    "stream_options",
+    "user",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "suffix",
+    "best_of",
+]
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "x"])}, optional={"content": values}
+)
 plausible = {
     "prompt": st.text(max_size=20) | st.lists(st.integers(-5, 400), max_size=5) | values,
     "messages": st.lists(message, max_size=3) | values,
     "max_tokens": st.integers(-2, 300) | values,
     "n": st.integers(-1, 20) | values,
 }
-bodies = st.fixed_dictionaries(
-    {}, optional={name: plausible.get(name, values) for name in FIELDS}
-)
+bodies = st.fixed_dictionaries({}, optional={name: plausible.get(name, values) for name in FIELDS})
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +100,15 @@ def check(response: httpx.Response, body) -> None:
 def test_no_body_gets_a_5xx_or_422(gw, body, chat):
     path = "/v1/chat/completions" if chat else "/v1/completions"
     payload = json.dumps(body, allow_nan=True)  # NaN/Infinity too: the JSON parser must cope
-    check(gw.http.post(path, content=payload, headers={"Content-Type": "application/json"}),
-          body)
+    check(gw.http.post(path, content=payload, headers={"Content-Type": "application/json"}), body)
 
 
 @settings(max_examples=40, deadline=None)
 @given(raw=st.binary(max_size=64))
 def test_arbitrary_bytes_are_a_400(gw, raw):
-    response = gw.http.post("/v1/completions", content=raw,
-                            headers={"Content-Type": "application/json"})
+    response = gw.http.post(
+        "/v1/completions", content=raw, headers={"Content-Type": "application/json"}
+    )
     check(response, raw)
 
 

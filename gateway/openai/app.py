@@ -57,9 +57,14 @@ def _add_info_routes(app: FastAPI, core: GatewayCore) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": core.config.model_name, "object": "model", "created": created,
-                "owned_by": "pdserve", "root": str(core.config.model_path),
-                "max_model_len": core.max_model_len}
+        card = {
+            "id": core.config.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "pdserve",
+            "root": str(core.config.model_path),
+            "max_model_len": core.max_model_len,
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -107,10 +112,12 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 def _worker_states(core: GatewayCore, role: str) -> list[dict[str, Any]]:
     return [
-        {"address": w.address, "healthy": w.healthy, "error": w.last_error,
-         "queue_depth": w.load.queue_depth if w.load else None,
-         "kv_cache_usage": w.load.kv_cache_usage if w.load else None}
+        {
+            "address": w.address,
+            "healthy": w.healthy,
+            "error": w.last_error,
+            "queue_depth": w.load.queue_depth if w.load else None,
+            "kv_cache_usage": w.load.kv_cache_usage if w.load else None,
+        }
         for w in core.pool.of_role(role)
     ]
-
-

@@ -46,8 +46,14 @@ def _response_body(
         }
         for c in results
     ]
-    return {"id": meta.id, "object": "chat.completion", "created": meta.created,
-            "model": meta.model, "choices": choices, "usage": usage_body([run])}
+    return {
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "usage": usage_body([run]),
+    }
 
 
 async def _events(
@@ -55,14 +61,22 @@ async def _events(
 ) -> AsyncIterator[str]:
     """Per choice: a role chunk when its first delta arrives, then content, then the finish."""
     want_logprobs = run.params.logprobs is not None
-    head = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-            "model": meta.model}
+    head = {
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+    }
     started: set[int] = set()
     async for _, delta in merged([run]):
         if delta.index not in started:
             started.add(delta.index)
-            role = {"index": delta.index, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None, "finish_reason": None}
+            role = {
+                "index": delta.index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
             yield sse({**head, "choices": [role], "usage": None})
         if not (delta.text or delta.finish_reason or (want_logprobs and delta.token_ids)):
             continue
@@ -70,7 +84,8 @@ async def _events(
             "index": delta.index,
             "delta": {"content": delta.text} if delta.text else {},
             "logprobs": chat_logprobs(core.tokenizer, delta.logprobs or ())
-            if want_logprobs else None,
+            if want_logprobs
+            else None,
             "finish_reason": delta.finish_reason,
             "stop_reason": delta.stop_reason,
         }

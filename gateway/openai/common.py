@@ -27,9 +27,7 @@ class ResponseMeta:
 def check_model(core: GatewayCore, model: str | None) -> None:
     """An unset model means the served one; any other name is a 404."""
     if model is not None and model != core.config.model_name:
-        raise GatewayError(
-            ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", "model"
-        )
+        raise GatewayError(ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", "model")
 
 
 def open_runs(core: GatewayCore, requests: Sequence[GenerateRequest]) -> list[RequestRun]:

@@ -19,13 +19,17 @@ from gateway.request_run import RequestRun
 from gateway.schema import GenerateRequest, Prompt, TextPrompt, TokenPrompt
 
 
-async def create_completion(core: GatewayCore, body: CompletionRequest, request: Request) -> Response:
+async def create_completion(
+    core: GatewayCore, body: CompletionRequest, request: Request
+) -> Response:
     check_model(core, body.model)
     params = body.to_params()
     prompts = _prompts(body.prompt)
     runs = open_runs(core, [GenerateRequest(p, params) for p in prompts])
     meta = ResponseMeta.new("cmpl", core.config.model_name)
-    echoes = [_echo_text(core, p, r) if body.echo else "" for p, r in zip(prompts, runs, strict=True)]
+    echoes = [
+        _echo_text(core, p, r) if body.echo else "" for p, r in zip(prompts, runs, strict=True)
+    ]
     if body.stream:
         events = _events(core, meta, runs, echoes, body.include_usage)
         return await start_sse(request, events)
@@ -55,7 +59,9 @@ def _choice_body(core: GatewayCore, c: ChoiceResult, echo: str, logprobs: bool) 
     return {
         "index": c.index,
         "text": echo + c.text,
-        "logprobs": completion_logprobs(core.tokenizer, c.logprobs, len(echo)) if logprobs else None,
+        "logprobs": completion_logprobs(core.tokenizer, c.logprobs, len(echo))
+        if logprobs
+        else None,
         "finish_reason": c.finish_reason,
         "stop_reason": c.stop_reason,
     }
@@ -71,8 +77,14 @@ def _response_body(
     n = runs[0].params.n
     logprobs = runs[0].params.logprobs is not None
     choices = [_choice_body(core, c, echoes[c.index // n], logprobs) for c in results]
-    return {"id": meta.id, "object": "text_completion", "created": meta.created,
-            "model": meta.model, "choices": choices, "usage": usage_body(runs)}
+    return {
+        "id": meta.id,
+        "object": "text_completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "usage": usage_body(runs),
+    }
 
 
 async def _events(
@@ -85,8 +97,12 @@ async def _events(
     n = runs[0].params.n
     want_logprobs = runs[0].params.logprobs is not None
     offsets: dict[int, int] = {}  # choice index -> characters sent so far
-    head = {"id": meta.id, "object": "text_completion", "created": meta.created,
-            "model": meta.model}
+    head = {
+        "id": meta.id,
+        "object": "text_completion",
+        "created": meta.created,
+        "model": meta.model,
+    }
     async for run_index, delta in merged(runs):
         index = run_index * n + delta.index
         text = delta.text
@@ -99,8 +115,13 @@ async def _events(
         if want_logprobs:
             logprobs = completion_logprobs(core.tokenizer, delta.logprobs or (), offsets[index])
         offsets[index] += len(delta.text)
-        choice = {"index": index, "text": text, "logprobs": logprobs,
-                  "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
+        choice = {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": delta.finish_reason,
+            "stop_reason": delta.stop_reason,
+        }
         yield sse({**head, "choices": [choice], "usage": None})
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage_body(runs)})

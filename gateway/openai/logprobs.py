@@ -30,8 +30,12 @@ def completion_logprobs(
         tops.append({tokenizer.token_text(t): _finite(v) for t, v in lp.top} if lp.top else None)
         offsets.append(text_offset)
         text_offset += len(token)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(tokenizer: TokenTexts, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:

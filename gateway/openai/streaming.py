@@ -99,5 +99,6 @@ async def start_sse(request: Request, events: AsyncIterator[str]) -> Response:
         finally:
             await events.aclose()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

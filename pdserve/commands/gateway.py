@@ -20,28 +20,47 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workers")
     g.add_argument("--prefill", default="", help="prefill workers, HOST:PORT[,HOST:PORT...]")
     g.add_argument("--decode", required=True, help="decode workers, HOST:PORT[,HOST:PORT...]")
-    g.add_argument("--min-prefill-tokens", type=int, default=16,
-                   help="prompts shorter than this are prefilled on the decode worker")
+    g.add_argument(
+        "--min-prefill-tokens",
+        type=int,
+        default=16,
+        help="prompts shorter than this are prefilled on the decode worker",
+    )
     g.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds per Prefill call")
     g.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request")
-    g.add_argument("--load-interval", type=float, default=1.0,
-                   help="seconds between worker load/health polls")
+    g.add_argument(
+        "--load-interval", type=float, default=1.0, help="seconds between worker load/health polls"
+    )
     m = parser.add_argument_group("model")
-    m.add_argument("--model", default=None,
-                   help="HF model folder for the tokenizer and chat template (default: the "
-                        "default model's converted folder)")
+    m.add_argument(
+        "--model",
+        default=None,
+        help="HF model folder for the tokenizer and chat template (default: the "
+        "default model's converted folder)",
+    )
     m.add_argument("--served-model-name", default=None, help="model id in the API")
     m.add_argument("--chat-template", default=None, help="a template file or the template text")
-    m.add_argument("--max-model-len", type=int, default=None,
-                   help="context length (default: min(model's max positions, 4096), as workers)")
+    m.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (default: min(model's max positions, 4096), as workers)",
+    )
     s = parser.add_argument_group("serving")
     s.add_argument("--host", default="127.0.0.1", help="bind address (HTTP and gRPC)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port")
     s.add_argument("--grpc-port", type=int, default=50051, help="gRPC port; -1 disables gRPC")
-    s.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
-    s.add_argument("--max-pending", type=int, default=256,
-                   help="requests in flight before new ones get 429 / RESOURCE_EXHAUSTED")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})",
+    )
+    s.add_argument(
+        "--max-pending",
+        type=int,
+        default=256,
+        help="requests in flight before new ones get 429 / RESOURCE_EXHAUSTED",
+    )
     s.add_argument("--max-n", type=int, default=16)
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
@@ -80,8 +99,9 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = config_from_args(args, resolve_model_folder(args.model))
         asyncio.run(_serve(config, args.log_level))
