@@ -143,6 +143,10 @@ class LLMEngine:
             raise ValueError(f"first token {first_token} outside the vocabulary [0, {self.vocab_size})")
         request.num_computed_tokens = request.num_prompt_tokens
         self.kv.cache_full_blocks(request)
+        if request.generator is not None and not request.params.greedy:
+            # The prefill side drew the first token: advance this generator past that draw so
+            # a seeded request samples the same tokens as it would in one engine.
+            self.sampler.skip_draw(request.generator)
         self.scheduler.add(request)
         self._pending.extend(self._accept_tokens([request], [first_token], [first_logprob]))
 

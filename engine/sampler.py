@@ -36,6 +36,10 @@ class Sampler:
         tokens = self._draw(logits, requests)
         return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, requests))
 
+    def skip_draw(self, generator: torch.Generator) -> None:
+        """Consume exactly what one sampled token consumes from a request's generator."""
+        torch.empty(self.vocab_size).exponential_(generator=generator)
+
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows = [
             i for i, r in enumerate(requests)

@@ -210,3 +210,24 @@ def test_abort_mid_decode_frees_blocks(llm):
     engine.abort_request("never-existed")
     engine.step()
     assert_clean(engine)
+
+
+def test_seeded_sampling_same_split_or_not(tiny_llama):
+    """A seeded request gives the same tokens prefilled in A and decoded in B as in one engine."""
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    a = LLMEngine(EngineConfig(model=str(tiny_llama), kv_cache_memory=1 << 20, block_size=4))
+    b = LLMEngine(EngineConfig(model=str(tiny_llama), kv_cache_memory=1 << 20, block_size=4))
+    a.add_request("one", PROMPTS[0], params)
+    whole = []
+    while a.has_unfinished_requests():
+        whole += [t for o in a.step() for t in o.new_token_ids]
+    a.add_request("split", PROMPTS[0], params, prefill_only=True)
+    (done,) = [o for o in a.step() if o.finished]
+    res = b.reserve_import("split", PROMPTS[0], params)
+    b.kv_cache[:, :, res.block_ids] = a.kv_cache[:, :, done.prefill.block_ids]
+    a.release_held("split")
+    b.commit_import("split", done.prefill.first_token)
+    split = []
+    while b.has_unfinished_requests():
+        split += [t for o in b.step() for t in o.new_token_ids]
+    assert split == whole
