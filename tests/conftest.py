@@ -14,8 +14,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny_model  # noqa: E402
 
-ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
-
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import ARCHITECTURES
+from tiny_models import ARCHITECTURES
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
