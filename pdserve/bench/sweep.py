@@ -178,29 +178,44 @@ def _csv(kind: type, text: str) -> list:
         raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_parser(p: argparse.ArgumentParser) -> None:
+    """The sweep's flags (the `pdserve` CLI convention: `add_parser` + `run`)."""
     p.add_argument("--request-rates", type=lambda t: _csv(float, t), default=[1.0, 2.0, 4.0])
     p.add_argument("--deployments", type=lambda t: _csv(str, t), default=["disagg", "aggregated"])
-    p.add_argument("--out-dir", default=f"bench-results/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    p.add_argument("--out-dir", default=None, help="default bench-results/sweep-<date>")
     p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
     p.add_argument("--serve-args", default="", help="extra `pdserve serve` flags, one string")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="after --: flags for every `pdserve bench serve` run")  # fmt: skip
-    args = p.parse_args(argv)
+
+
+def _normalize(args: argparse.Namespace) -> None:
     unknown = [d for d in args.deployments if d not in DEPLOYMENTS]
     if unknown:
-        p.error(f"unknown deployments {unknown}; choose from {sorted(DEPLOYMENTS)}")
-    args.serve_args = args.serve_args.split()
-    args.bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+        raise ValueError(f"unknown deployments {unknown}; choose from {sorted(DEPLOYMENTS)}")
+    args.out_dir = args.out_dir or f"bench-results/sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    if isinstance(args.serve_args, str):
+        args.serve_args = args.serve_args.split()
+    if args.bench_args[:1] == ["--"]:
+        args.bench_args = args.bench_args[1:]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        _normalize(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     try:
+        _normalize(args)
         rows = sweep(args)
-    except RuntimeError as exc:
+    except (ValueError, RuntimeError) as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)
         return 1
     out_dir = Path(args.out_dir)
@@ -208,10 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out_dir / "sweep.md").write_text(table + "\n")
     (out_dir / "sweep.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     print(table)
-    print(
-        f"wrote {out_dir / 'sweep.md'}, {out_dir / 'sweep.json'}, {plot(rows, out_dir / 'sweep.png')}"
-    )
+    png = plot(rows, out_dir / "sweep.png")
+    print(f"wrote {out_dir / 'sweep.md'}, {out_dir / 'sweep.json'}, {png}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
