@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 def decode_status(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, grpc.aio.AioRpcError):  # from the prefill worker's KVTransferService
+        # An unreachable prefill worker makes the KV handle unusable; it says nothing about
+        # this worker. UNAVAILABLE would tell the gateway that this decode worker is down.
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return grpc.StatusCode.FAILED_PRECONDITION
         return exc.code()
     code = status_for(exc)
     return worker_status(exc) if code in (grpc.StatusCode.INTERNAL,) else code

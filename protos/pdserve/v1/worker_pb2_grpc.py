@@ -271,8 +271,8 @@ class DecodeServiceServicer:
         completion token in order, the first token (handle.first_token) included; the last chunk has
         finish_reason set and usage filled. Cancelling the call aborts the request.
         Errors: INVALID_ARGUMENT, RESOURCE_EXHAUSTED (no blocks/queue full), FAILED_PRECONDITION
-        (incompatible KV layout, lease expired, prefill worker restarted), UNAVAILABLE (draining or
-        prefill worker unreachable), DEADLINE_EXCEEDED.
+        (incompatible KV layout, lease expired, prefill worker restarted or unreachable: the handle
+        is unusable, prefill again), UNAVAILABLE (this worker is draining), DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
