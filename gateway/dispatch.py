@@ -85,8 +85,11 @@ class ChoiceDispatch:
             if decode is None:
                 raise GatewayError(ErrorKind.UNAVAILABLE, "no healthy decode worker")
             prefilled = await self._prefill() if attempt == 0 else None
+            # A retry has its own id on the worker: the Abort that cleans up the first attempt
+            # runs in the background and must not hit the retry on the same worker.
+            request_id = self.request_id if attempt == 0 else f"{self.request_id}-retry"
             try:
-                async for chunk in self._decode(decode, prefilled):
+                async for chunk in self._decode(decode, prefilled, request_id):
                     got_tokens = got_tokens or bool(chunk.token_ids)
                     yield chunk
                 return
@@ -129,11 +132,11 @@ class ChoiceDispatch:
         return None
 
     async def _decode(
-        self, worker: Worker, prefilled: _Prefilled | None
+        self, worker: Worker, prefilled: _Prefilled | None, request_id: str
     ) -> AsyncIterator[DecodeChunk]:
         lease = prefilled.lease if prefilled else None
         call = worker.client.decode(
-            self.request_id, self._prompt_ids, self._sampling, lease, self._remaining()
+            request_id, self._prompt_ids, self._sampling, lease, self._remaining()
         )
         worker.in_flight += 1
         finished = False
@@ -157,13 +160,13 @@ class ChoiceDispatch:
             worker.in_flight -= 1
             if not finished:
                 call.cancel()
-                self._abort(worker)
+                self._abort(worker, request_id)
                 if prefilled is not None:
                     self._release(prefilled.worker)
 
-    def _abort(self, worker: Worker) -> None:
+    def _abort(self, worker: Worker, request_id: str) -> None:
         timeout = self._settings.control_timeout_s
-        self._spawn(_quietly(worker.client.abort(self.request_id, timeout), "Abort"))
+        self._spawn(_quietly(worker.client.abort(request_id, timeout), "Abort"))
 
     def _release(self, worker: Worker) -> None:
         timeout = self._settings.control_timeout_s
