@@ -23,6 +23,10 @@ _FINISH: dict[int, FinishReason] = {
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 2**20),
     ("grpc.max_send_message_length", 64 * 2**20),
+    # Reconnect to a restarted worker within a second; gRPC's default backoff grows to 120 s,
+    # so a worker that was down for a while would stay unhealthy here long after it is back.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
