@@ -350,3 +350,19 @@ def test_sweep_table_plot_and_flags(tmp_path) -> None:
     assert table[0].startswith("| deployment | req/s offered | completed | failed |")
     assert table[2].startswith("| disagg | 1 | 8 | 0 |") and len(table) == 6
     assert plot(rows, tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_tokenizer_gives_random_prompts_of_the_asked_token_length(
+    tiny_llama: Path, fake_server, tmp_path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    cfg = RandomDatasetConfig(num_prompts=10, input_len=60, output_len=4, seed=2)
+    lens = [r.prompt_len for r in random_requests(cfg, tokenizer)]
+    assert all(57 <= n <= 63 for n in lens), lens
+    rc = bench(fake_server.url, "--tokenizer", str(tiny_llama), "--num-prompts", "3",
+               "--random-input-len", "20", "--random-output-len", "2",
+               "--result-dir", str(tmp_path), "--result-filename", "t.json")  # fmt: skip
+    assert rc == 0
+    assert json.loads((tmp_path / "t.json").read_text())["tokenizer_id"] == str(tiny_llama)

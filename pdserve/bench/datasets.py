@@ -23,6 +23,9 @@ WORDS: tuple[str, ...] = tuple(
 )
 
 
+MAX_LENGTH_FIXES = 10  # re-encode rounds that bring a random-token prompt to its length
+
+
 class Tokenizer(Protocol):
     """The part of a Hugging Face tokenizer the benchmark uses."""
 
@@ -71,14 +74,31 @@ def _random_words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def _random_token_text(rng: random.Random, tokenizer: Tokenizer, n: int) -> str:
+def _random_ids(rng: random.Random, tokenizer: Tokenizer, n: int) -> list[int]:
     special = set(tokenizer.all_special_ids)
     ids: list[int] = []
     while len(ids) < n:
         token = rng.randrange(tokenizer.vocab_size)
         if token not in special:
             ids.append(token)
-    return tokenizer.decode(ids)
+    return ids
+
+
+def _random_token_text(rng: random.Random, tokenizer: Tokenizer, n: int) -> str:
+    """Text that encodes to about `n` tokens.
+
+    Decoding random ids and encoding the text again rarely gives the same ids (neighbours merge
+    or split), so the ids are trimmed or topped up and decoded again, a bounded number of times.
+    """
+    ids = _random_ids(rng, tokenizer, n)
+    text = tokenizer.decode(ids)
+    for _ in range(MAX_LENGTH_FIXES):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == n:
+            break
+        ids = ids[:n] if len(ids) > n else ids + _random_ids(rng, tokenizer, n - len(ids))
+        text = tokenizer.decode(ids)
+    return text
 
 
 def random_requests(cfg: RandomDatasetConfig, tokenizer: Tokenizer | None) -> list[SampleRequest]:
