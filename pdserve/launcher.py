@@ -90,7 +90,9 @@ class ClusterOptions:
         if self.num_decode < 1:
             raise ValueError(f"--num-decode must be >= 1, got {self.num_decode}")
         if self.num_prefill < (0 if self.aggregated else 1):
-            raise ValueError(f"--num-prefill must be >= 1, got {self.num_prefill}")
+            raise ValueError(
+                f"--num-prefill must be >= 1, got {self.num_prefill} (no prefill workers: --aggregated)"
+            )
         ports = [self.port, self.grpc_port, *self.prefill_ports, *self.decode_ports]
         if any(not 0 < p < 65536 for p in ports):
             raise ValueError(f"ports must be in 1..65535, got {sorted(ports)}")

@@ -44,6 +44,9 @@ STAND_IN = textwrap.dedent(
             pass
     server = http.server.HTTPServer(("127.0.0.1", port), Health)
     print(f"listening on {port}", flush=True)
+    if mode == "die_later":
+        import threading
+        threading.Timer(1.5, lambda: os._exit(4)).start()
     server.serve_forever(poll_interval=0.05)
     """
 )
@@ -196,6 +199,15 @@ def test_children_exit_when_the_launcher_is_killed(driver_factory) -> None:
     pids = d.pids()
     assert len(pids) == 4
     assert wait_gone(pids) == []
+
+
+def test_a_child_dying_after_startup_stops_the_cluster(driver_factory) -> None:
+    d = driver_factory(f"decode-0:{free_port()}:die_later", f"gateway:{free_port()}:ok")
+    d.read_until("serve | READY")
+    assert d.finish() == 1
+    assert "error: decode-0 exited with status 4" in d.text()
+    assert "stopping gateway (SIGTERM)" in d.text()
+    assert wait_gone(d.pids()) == []
 
 
 def test_a_child_that_never_gets_healthy_times_out(driver_factory) -> None:
