@@ -271,7 +271,12 @@ def _install(staging: Path, target: Path, force: bool) -> None:
         trash = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(target, trash)
         shutil.rmtree(trash, ignore_errors=True)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        # A concurrent conversion renamed its (equally valid) folder into place first.
+        if not is_converted(target):
+            raise
 
 
 @contextmanager

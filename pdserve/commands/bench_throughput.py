@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -78,7 +80,7 @@ class BenchConfig:
     output_len_range: tuple[int, int] = (16, 256)
     seed: int = 0
     baselines: tuple[str, ...] = ()
-    baseline_num_prompts: int | None = None  # None: all prompts
+    baseline_num_prompts: int = 16  # baselines are slow: they run on the first K prompts
     hf_batch_size: int = 16
     peak_matmul_size: int = 2048
     decode_batch_size: int = 64
@@ -92,7 +94,7 @@ class BenchConfig:
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baseline(s) {unknown}; choose from {BASELINES}")
-        if self.baseline_num_prompts is not None and self.baseline_num_prompts < 1:
+        if self.baseline_num_prompts < 1:
             raise ValueError(f"baseline_num_prompts must be >= 1, got {self.baseline_num_prompts}")
         for name in ("hf_batch_size", "peak_matmul_size", "decode_batch_size", "decode_steps"):
             if getattr(self, name) < 1:
@@ -100,7 +102,7 @@ class BenchConfig:
 
     @property
     def num_baseline_prompts(self) -> int:
-        return min(self.num_prompts, self.baseline_num_prompts or self.num_prompts)
+        return min(self.num_prompts, self.baseline_num_prompts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,8 +128,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--baseline-num-prompts",
         type=int,
-        default=None,
-        help="run the baselines (and the engine once more) on the first K prompts only",
+        default=16,
+        help="run the baselines (and the engine once more) on the first K prompts (default 16)",
     )
     g.add_argument("--hf-batch-size", type=int, default=16)
     g.add_argument("--peak-matmul-size", type=int, default=2048)
@@ -203,13 +205,16 @@ def run_benchmark(engine_config: Any, bench: BenchConfig, measure_peak: bool = T
     requests = make_requests(tokenizer, bench)
     subset = requests[: bench.num_baseline_prompts]
     llm = _make_llm(engine_config)
-    engine = run_engine(llm, requests, "engine")
+    _say(f"engine: {len(requests)} requests, {sum(r.output_len for r in requests)} output tokens")
+    engine = _announce(run_engine(llm, requests, "engine"))
     runs: dict[str, RunResult] = {}
     if bench.baselines and len(subset) < len(requests):
-        runs["engine-subset"] = run_engine(llm, subset, "engine-subset")
+        _clear_prefix_cache(llm)  # the subset must not reuse the full run's KV blocks
+        runs["engine-subset"] = _announce(run_engine(llm, subset, "engine-subset"))
     peak = measure_matmul_peak(bench.peak_matmul_size) if measure_peak else None
     decode = None
     if peak is not None:
+        _say(f"fp32 matmul peak: {peak:.1f} GFLOP/s; measuring decode rate")
         decode = measure_decode_rate(llm, tokenizer, bench, llm.engine.num_params, peak)
     del llm  # free the KV pool before loading transformers' copy of the model
     runs.update(run_baselines(model_dir, subset, bench, tokenizer))
@@ -251,6 +256,13 @@ def _make_llm(engine_config: Any) -> Any:
     return LLM(**options)
 
 
+def _clear_prefix_cache(llm: Any) -> None:
+    """Forget cached prefix blocks so a repeated prompt is computed again (engine is idle)."""
+    if llm.engine.has_unfinished_requests():
+        raise RuntimeError("the prefix cache can only be cleared while the engine is idle")
+    llm.engine.pool.reset_prefix_cache()
+
+
 def run_engine(llm: Any, requests: Sequence[BenchRequest], name: str) -> RunResult:
     """All requests through one `LLM.generate` call; checks every output has its length."""
     from engine.sampling_params import SamplingParams
@@ -260,7 +272,7 @@ def run_engine(llm: Any, requests: Sequence[BenchRequest], name: str) -> RunResu
     ]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
     produced = [len(o.outputs[0].token_ids) for o in outputs]
     wanted = [r.output_len for r in requests]
@@ -327,15 +339,20 @@ def run_baselines(
         "hf": lambda: run_hf_sequential(model, requests),
         "hf-batch": lambda: run_hf_batched(model, requests, bench.hf_batch_size, pad_id),
     }
-    return {name: runners[name]() for name in bench.baselines}
+    results = {}
+    for name in bench.baselines:
+        _say(f"baseline {name}: {len(requests)} requests")
+        results[name] = _announce(runners[name]())
+    return results
 
 
 def run_hf_sequential(model: Any, requests: Sequence[BenchRequest]) -> RunResult:
     """transformers `generate`, greedy, one request at a time."""
     import torch
+    from tqdm import tqdm
 
     start = time.perf_counter()
-    for r in requests:
+    for r in tqdm(requests, desc="hf", file=sys.stderr):
         input_ids = torch.tensor([r.prompt_token_ids])  # (1, T)
         _hf_generate(model, input_ids, torch.ones_like(input_ids), r.output_len, pad_id=None)
     return _result("hf", requests, time.perf_counter() - start)
@@ -349,8 +366,10 @@ def run_hf_batched(
     A static batch runs until its longest request is done, so it generates
     `max(output_len) * batch` tokens; only the requested tokens are counted as output.
     """
+    from tqdm import tqdm
+
     start = time.perf_counter()
-    for first in range(0, len(requests), batch_size):
+    for first in tqdm(range(0, len(requests), batch_size), desc="hf-batch", file=sys.stderr):
         batch = requests[first : first + batch_size]
         input_ids, attention_mask = left_pad([r.prompt_token_ids for r in batch], pad_id)
         out_len = max(r.output_len for r in batch)
@@ -437,6 +456,16 @@ def measure_matmul_peak(n: int = 2048, reps: int = 5) -> float:
 # Report
 
 
+def _say(message: str) -> None:
+    """Progress line on stderr (the report itself goes to stdout)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _announce(result: RunResult) -> RunResult:
+    _say(f"{result.name}: {result.elapsed_s:.1f}s, {result.output_tokens_per_s:.1f} output tok/s")
+    return result
+
+
 def _result(name: str, requests: Sequence[BenchRequest], elapsed: float) -> RunResult:
     return RunResult(
         name=name,
@@ -482,6 +511,7 @@ def _build_report(
         "decode": asdict(decode) if decode is not None else None,
         "config": asdict(bench),
         "machine": {
+            "load_average_1m_5m_15m": list(os.getloadavg()),
             "platform": platform.platform(),
             "processor": platform.processor(),
             "torch_threads": num_threads,
@@ -491,7 +521,12 @@ def _build_report(
 
 def print_report(report: dict) -> None:
     """Human-readable summary of `report` on stdout."""
+    machine = report["machine"]
     print(f"model: {report['model']}")
+    print(
+        f"torch threads: {machine['torch_threads']}, load average: "
+        + ", ".join(f"{x:.2f}" for x in machine["load_average_1m_5m_15m"])
+    )
     for name, run in [("engine", report["engine"]), *report["baselines"].items()]:
         print(
             f"{name:>14}: {run['num_requests']} requests in {run['elapsed_s']:.2f}s | "
