@@ -7,6 +7,7 @@ or, when both workers share a host, through a shared-memory segment.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 import grpc
 
 from kvtransfer import wire
-from kvtransfer.chunking import ChunkAssembler, TransferError
+from kvtransfer.chunking import ChecksumError, ChunkAssembler, TransferError, transfer_bytes
 from kvtransfer.exporter import ReadRequest
 from kvtransfer.layout import KVLayout, check_compatible
 from kvtransfer.pages import PagedKV
-from kvtransfer.shm import open_segment
+from kvtransfer.shm import ShmReader, ShmSegmentInfo
 from protos.pdserve.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class KVTransferClient:
         transport: str = "auto",
         credentials: grpc.ChannelCredentials | None = None,
         max_chunk_bytes: int = 0,
+        streams: int = 2,
+        shm_pieces: int = 1,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -66,6 +69,17 @@ class KVTransferClient:
             else grpc.aio.insecure_channel(endpoint, options)
         )
         self._stub = kvtransfer_pb2_grpc.KVTransferServiceStub(self._channel)
+        # ReadBlocks with the raw response bytes: wire.chunk_from_bytes reads the data in place.
+        self._read_blocks = self._channel.unary_stream(
+            "/pdserve.v1.KVTransferService/ReadBlocks",
+            request_serializer=kvtransfer_pb2.ReadBlocksRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        self._streams = streams
+        self._shm_pieces = max(1, shm_pieces)
+        self._shm = ShmReader()
         self.endpoint = endpoint
         self._local = local
         self._local_host_id = local_host_id
@@ -120,23 +134,31 @@ class KVTransferClient:
         if peer.epoch != epoch:
             peer = await self.handshake(refresh=True)
         request = ReadRequest(
-            transfer_id, tuple(src_block_ids), (), epoch, peer.compat_hash, self._max_chunk_bytes
+            transfer_id,
+            tuple(src_block_ids),
+            (),
+            epoch,
+            peer.compat_hash,
+            self._max_chunk_bytes,
+            packed=True,
         )
         start = time.perf_counter()
         transport = self._pick(peer)
         if transport == "shm":
             try:
                 num_bytes = await self._pull_shm(request, dst_block_ids)
+            except ChecksumError as exc:  # bytes changed under us: this transfer only
+                if self._transport == "shm":
+                    raise
+                log.warning("kv shm transfer failed (%s), pulling over grpc instead", exc)
+                transport = "grpc"
             except TransferError as exc:
                 if self._transport == "shm":
                     raise
                 log.warning("kv shm unusable (%s), falling back to grpc", exc)
                 self._shm_broken, transport = True, "grpc"
         if transport == "grpc":
-            pages = await self._read_grpc(request, timeout)
-            layers = list(range(self._local.layout.num_layers))
-            await _finish_even_if_cancelled(self._local.scatter, layers, dst_block_ids, pages)
-            num_bytes = pages.numel()
+            num_bytes = await self._read_grpc(request, dst_block_ids, timeout)
         return PullResult(transport, num_bytes, time.perf_counter() - start)
 
     async def extend(self, transfer_id: str, lease_ms: int) -> int:
@@ -154,6 +176,7 @@ class KVTransferClient:
 
     async def close(self) -> None:
         await self._channel.close()
+        self._shm.close()
 
     def _pick(self, peer: PeerInfo) -> str:
         if self._transport != "auto":
@@ -161,35 +184,108 @@ class KVTransferClient:
         same_host = peer.host_id == self._local_host_id and peer.shm_available
         return "shm" if same_host and not self._shm_broken else "grpc"
 
-    async def _read_grpc(self, request: ReadRequest, timeout: float | None):
-        layers = list(range(self._local.layout.num_layers))
-        assembler = ChunkAssembler(layers, list(request.block_ids), self._local.layout.page_bytes)
-        call = self._stub.ReadBlocks(wire.read_request_to_pb(request), timeout=timeout)
+    async def _read_grpc(
+        self, request: ReadRequest, dst_block_ids: list[int], timeout: float | None
+    ) -> int:
+        """ReadBlocks over `streams` concurrent streams (layers split between them)."""
+        groups = _split(list(range(self._local.layout.num_layers)), self._streams)
+        reads = [self._read_stream(request, g, dst_block_ids, timeout) for g in groups]
+        if len(groups) == 1:
+            return await reads[0]
+        tasks = [asyncio.ensure_future(r) for r in reads]
         try:
-            async for msg in call:
-                await asyncio.to_thread(assembler.add, wire.chunk_from_pb(msg))
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)  # every copy into our blocks has ended
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        return sum(task.result() for task in tasks)
+
+    async def _read_stream(
+        self,
+        request: ReadRequest,
+        layers: list[int],
+        dst_block_ids: list[int],
+        timeout: float | None,
+    ) -> int:
+        """One ReadBlocks stream. On a CPU pool each verified chunk is copied straight into our
+        blocks, on the event loop (no copy is in flight when the task is cancelled); elsewhere
+        the chunks are staged and scattered at the end."""
+        layout = self._local.layout
+        direct = self._local.device.type == "cpu"
+        assembler = ChunkAssembler(
+            layers,
+            list(request.block_ids),
+            layout.page_bytes,
+            into=self._local if direct else None,
+            dst_block_ids=dst_block_ids if direct else None,
+        )
+        if len(layers) != layout.num_layers:
+            request = dataclasses.replace(request, layers=tuple(layers))
+        call = self._read_blocks(wire.read_request_to_pb(request), timeout=timeout)
+        try:
+            async for raw in call:
+                assembler.add(wire.chunk_from_bytes(raw))
         except BaseException:
             call.cancel()
             raise
-        return assembler.finish()
+        staging = assembler.finish()
+        if staging is not None:
+            await _finish_even_if_cancelled(self._local.scatter, layers, dst_block_ids, staging)
+        return assembler.total_bytes
 
     async def _pull_shm(self, request: ReadRequest, dst_block_ids: list[int]) -> int:
-        reply = await self._stub.ReadBlocksShm(wire.read_request_to_pb(request), timeout=30)
-        info = wire.shm_from_pb(reply)
+        """ReadBlocksShm per group of layers (`shm_pieces`), one request ahead: the peer gathers
+        the next group while we copy this one in."""
         layout = self._local.layout
-        layers = list(range(layout.num_layers))
-        if list(info.block_ids) != list(request.block_ids) or list(info.layers) != layers:
-            raise TransferError("shared-memory segment does not hold the requested pages")
-        expected = layout.num_layers * 2 * len(request.block_ids) * layout.page_bytes
+        groups = _split(list(range(layout.num_layers)), self._shm_pieces)
 
-        def copy_in() -> None:  # straight from the mapped segment into the pool
-            with open_segment(info, expected) as flat:
-                pages = flat.view(layout.num_layers, 2, len(dst_block_ids), layout.page_bytes)
-                self._local.scatter(layers, dst_block_ids, pages)
-                del pages
+        async def read(layers: list[int]) -> ShmSegmentInfo:
+            req = (
+                request if len(groups) == 1 else dataclasses.replace(request, layers=tuple(layers))
+            )
+            reply = await self._stub.ReadBlocksShm(wire.read_request_to_pb(req), timeout=30)
+            info = wire.shm_from_pb(reply)
+            if list(info.block_ids) != list(request.block_ids) or list(info.layers) != layers:
+                raise TransferError("shared-memory segment does not hold the requested pages")
+            return info
 
-        await _finish_even_if_cancelled(copy_in)
-        return expected
+        def copy_in(info: ShmSegmentInfo, layers: list[int]) -> None:
+            # Straight from our mapping of the segment into the pool, checksumming the bytes as
+            # they are copied: bytes changed under the copy (a reused segment) fail the transfer.
+            expected = transfer_bytes(len(layers), len(dst_block_ids), layout.page_bytes)
+            with self._shm.open(info, expected) as flat:
+                if self._local.device.type == "cpu":
+                    crc = self._local.copy_in(layers, dst_block_ids, memoryview(flat.numpy()))
+                    if crc != info.crc32:
+                        raise ChecksumError(f"segment {info.name}: CRC-32 mismatch")
+                else:
+                    pages = flat.view(len(layers), 2, len(dst_block_ids), layout.page_bytes)
+                    self._local.scatter(layers, dst_block_ids, pages)
+                    del pages
+                    self._shm.verify(info, flat)
+
+        ahead = asyncio.ensure_future(read(groups[0]))
+        try:
+            for i, layers in enumerate(groups):
+                info = await ahead
+                if i + 1 < len(groups):
+                    ahead = asyncio.ensure_future(read(groups[i + 1]))
+                await _finish_even_if_cancelled(copy_in, info, layers)
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+                await asyncio.wait([ahead])
+        return transfer_bytes(layout.num_layers, len(dst_block_ids), layout.page_bytes)
+
+
+def _split(items: list[int], n: int) -> list[list[int]]:
+    """`items` in at most n consecutive groups of nearly equal size."""
+    n = max(1, min(n, len(items)))
+    return [items[i * len(items) // n : (i + 1) * len(items) // n] for i in range(n)]
 
 
 async def _finish_even_if_cancelled(fn, *args) -> None:

@@ -9,8 +9,15 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kvtransfer.layout import IncompatibleLayoutError, KVLayout, check_compatible
-from kvtransfer.lease import Lease, LeaseError, LeaseTable
+from kvtransfer.chunking import (
+    ChunkParts,
+    block_runs,
+    iter_packed_parts,
+    iter_sliced_parts,
+    transfer_bytes,
+)
+from kvtransfer.layout import KINDS, IncompatibleLayoutError, KVLayout, check_compatible
+from kvtransfer.lease import FreeReason, Lease, LeaseError, LeaseTable
 from kvtransfer.pages import KVAddressError, PagedKV
 from kvtransfer.shm import ShmExporter, ShmSegmentInfo
 
@@ -30,6 +37,7 @@ class ReadRequest:
     epoch: int
     compat_hash: str
     max_chunk_bytes: int = 0
+    packed: bool = False  # chunks without slices (see chunking)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +91,57 @@ class KVExporter:
         pages = self.paged.gather([layer], list(plan.block_ids))  # (1, 2, nb, page_bytes)
         return memoryview(pages.numpy()).cast("B")
 
+    def chunk_parts(
+        self, plan: ReadPlan, max_chunk_bytes: int, *, packed: bool
+    ) -> tuple[int, Iterator[ChunkParts]]:
+        """(total bytes, chunks) of a read. On a CPU pool the chunks' parts are views of the
+        pool's pages (read them while the lease is pinned); elsewhere, of one layer at a time
+        copied to the host."""
+        layers, blocks = list(plan.layers), list(plan.block_ids)
+        page_bytes = self.layout.page_bytes
+        total = transfer_bytes(len(layers), len(blocks), page_bytes)
+        if packed:
+            return total, iter_packed_parts(
+                self.paged.page_ranges(layers, blocks), total, max_chunk_bytes
+            )
+
+        def pages() -> Iterator[tuple[int, int, int, memoryview]]:
+            ranges = self.paged.page_ranges(layers, blocks)
+            if self.paged.device.type != "cpu":  # one buffer per layer: (kind, block) pages
+                for layer in layers:
+                    buf = next(ranges)
+                    for kind in KINDS:
+                        for i, block in enumerate(blocks):
+                            base = (kind * len(blocks) + i) * page_bytes
+                            yield layer, kind, block, buf[base : base + page_bytes]
+                return
+            runs = block_runs(blocks)  # one buffer per (layer, kind, run of consecutive ids)
+            for layer in layers:
+                for kind in KINDS:
+                    for first, count in runs:
+                        buf = next(ranges)
+                        for i in range(count):
+                            page = buf[i * page_bytes : (i + 1) * page_bytes]
+                            yield layer, kind, first + i, page
+
+        return total, iter_sliced_parts(pages(), total, max_chunk_bytes)
+
     def export_shm(self, request: ReadRequest) -> ShmSegmentInfo:
         if self.shm is None:
             raise KVAddressError("shared-memory transport is disabled on this worker")
         with self.open_read(request) as plan:
             layers, blocks = list(plan.layers), list(plan.block_ids)
             size = len(layers) * 2 * len(blocks) * self.layout.page_bytes
-            info = self.shm.export(
-                size, lambda out: self.paged.gather(layers, blocks, out), layers, blocks
-            )
+            if self.paged.device.type == "cpu":  # one copy, checksummed as it goes
+
+                def fill(out):
+                    return self.paged.copy_out(layers, blocks, memoryview(out.numpy()))
+            else:
+
+                def fill(out):
+                    return self.paged.gather(layers, blocks, out)
+
+            info = self.shm.export(size, fill, layers, blocks)
             try:
                 self.leases.attach(request.transfer_id, ShmAttachment(info.name))
             except LeaseError:
@@ -100,10 +150,15 @@ class KVExporter:
         return info
 
     def drop_attachments(self, lease: Lease) -> None:
-        """Free what a lease carries besides its blocks (call from the lease's on_free)."""
+        """Free what a lease carries besides its blocks (call from the lease's on_free). A
+        released lease's segments go back to the pool (the reader has finished with them); an
+        expired or shut-down lease's are unlinked (a late reader keeps the old bytes)."""
         for item in lease.attachments:
             if isinstance(item, ShmAttachment) and self.shm is not None:
-                self.shm.drop(item.name)
+                if lease.doomed is FreeReason.RELEASED:
+                    self.shm.recycle(item.name)
+                else:
+                    self.shm.drop(item.name)
         lease.attachments.clear()
 
     def _check_identity(self, request: ReadRequest) -> None:

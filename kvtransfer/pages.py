@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from kvtransfer.checksum import crc32
+from kvtransfer.chunking import block_runs
 from kvtransfer.layout import KVLayout, dtype_name
+
+_PIECE = 512 << 10  # copy+checksum granule: stays in a core's L2 cache
 
 
 class KVAddressError(ValueError):
@@ -72,17 +76,25 @@ class PagedKV:
         one, or `out` (any contiguous CPU uint8 buffer of that many bytes)."""
         self.check_layers(layers)
         self.check_blocks(block_ids)
+        shape = (len(layers), 2, len(block_ids), self.layout.page_bytes)
         if out is not None:
-            return self._gather_into(layers, block_ids, out)
-        idx = _index(block_ids, self.device)
-        if self._all(layers):
-            out = self._rows.index_select(1, idx)  # (num_layers * 2, nb, words)
-        else:
-            out = self._rows.new_empty((len(layers) * 2, len(block_ids), self._rows.shape[2]))
-            for i, layer in enumerate(layers):
-                torch.index_select(self._layer_rows(layer), 1, idx, out=out[2 * i : 2 * i + 2])
-        out = out.view(torch.uint8).view(len(layers), 2, len(block_ids), self.layout.page_bytes)
-        return out.cpu() if out.device.type != "cpu" else out
+            if (
+                out.dtype != torch.uint8
+                or out.numel() != math.prod(shape)
+                or not out.is_contiguous()
+            ):
+                raise ValueError(
+                    f"out must be a contiguous uint8 buffer of {math.prod(shape)} bytes"
+                )
+            if self.device.type != "cpu":
+                out.view(shape).copy_(self.gather(layers, block_ids))
+                return out.view(shape)
+            self._copy(layers, block_ids, self._as_rows(out, len(layers), len(block_ids)), False)
+            return out.view(shape)
+        rows = self._rows.new_empty((len(layers) * 2, len(block_ids), self._rows.shape[2]))
+        self._copy(layers, block_ids, rows, False)
+        pages = rows.view(torch.uint8).view(shape)
+        return pages.cpu() if pages.device.type != "cpu" else pages
 
     def scatter(self, layers: Sequence[int], block_ids: Sequence[int], pages: torch.Tensor) -> None:
         """Write `pages` (len(layers), 2, len(block_ids), page_bytes) uint8 into the pool."""
@@ -93,19 +105,117 @@ class PagedKV:
             raise ValueError(
                 f"pages must be uint8 {expected}, got {pages.dtype} {tuple(pages.shape)}"
             )
-        idx = _index(block_ids, self.device)
-        # (len(layers) * 2, nb, words) in the pool's word type
-        src = (
-            pages.to(self.device)
-            .contiguous()
-            .view(self._rows.dtype)
-            .view(len(layers) * 2, len(block_ids), -1)
-        )
-        if self._all(layers):
-            self._rows.index_copy_(1, idx, src)
+        src = self._as_rows(pages.to(self.device).contiguous(), len(layers), len(block_ids))
+        self._copy(layers, block_ids, src, True)
+
+    def _as_rows(self, buf: torch.Tensor, num_layers: int, num_blocks: int) -> torch.Tensor:
+        """A uint8 buffer of pages as (num_layers * 2, num_blocks, words) in the pool's word."""
+        return buf.view(self._rows.dtype).view(num_layers * 2, num_blocks, -1)
+
+    def _copy(
+        self, layers: Sequence[int], block_ids: Sequence[int], buf: torch.Tensor, to_pool: bool
+    ) -> None:
+        """Copy between the pool and `buf` (len(layers) * 2, len(block_ids), words).
+
+        Consecutive layers are one slice of rows; runs of consecutive block ids are one strided
+        `copy_` each (as fast as a flat copy) when the ids come in a few long runs; otherwise
+        one index_select / index_copy_ per slice of rows (index_copy_ is ~2x slower)."""
+        runs = block_runs(block_ids)
+        by_runs = len(runs) <= max(1, len(block_ids) // 8)
+        idx = None if by_runs else _index(block_ids, self.device)
+        for pool_row, buf_row, count in _layer_runs(layers):
+            pool_part = self._rows[pool_row : pool_row + count]
+            buf_part = buf[buf_row : buf_row + count]
+            if by_runs:
+                pos = 0
+                for first, n in runs:
+                    if to_pool:
+                        pool_part[:, first : first + n].copy_(buf_part[:, pos : pos + n])
+                    else:
+                        buf_part[:, pos : pos + n].copy_(pool_part[:, first : first + n])
+                    pos += n
+            elif to_pool:
+                pool_part.index_copy_(1, idx, buf_part)
+            else:
+                torch.index_select(pool_part, 1, idx, out=buf_part)
+
+    def host_bytes(self) -> memoryview:
+        """The whole pool as one writable byte view (CPU pools only)."""
+        if self.device.type != "cpu":
+            raise ValueError(f"the pool is on {self.device}, not in host memory")
+        return memoryview(self._pages.numpy()).cast("B")
+
+    def page_offsets(self, layers: Sequence[int], block_ids: Sequence[int]) -> list[int]:
+        """Byte offset in `host_bytes()` of each page, in transfer order (layer, kind, block)."""
+        pb, nb = self.layout.page_bytes, self.layout.num_blocks
+        return [
+            ((layer * 2 + kind) * nb + block) * pb
+            for layer in layers
+            for kind in (0, 1)
+            for block in block_ids
+        ]
+
+    def page_ranges(self, layers: Sequence[int], block_ids: Sequence[int]) -> Iterator[memoryview]:
+        """The pages of `block_ids` in `layers`, in transfer order (layer, kind, block), as
+        consecutive byte views. On a CPU pool these are views of the pool itself (one per run of
+        consecutive block ids: no copy); elsewhere one layer at a time is copied to the host."""
+        self.check_layers(layers)
+        self.check_blocks(block_ids)
+        if self.device.type != "cpu":
+            for layer in layers:
+                yield memoryview(self.gather([layer], block_ids).numpy()).cast("B")
             return
-        for i, layer in enumerate(layers):
-            self._layer_rows(layer).index_copy_(1, idx, src[2 * i : 2 * i + 2])
+        flat = self.host_bytes()
+        pb, nb = self.layout.page_bytes, self.layout.num_blocks
+        runs = block_runs(block_ids)
+        for layer in layers:
+            for kind in (0, 1):
+                row = (layer * 2 + kind) * nb
+                for first, count in runs:
+                    yield flat[(row + first) * pb : (row + first + count) * pb]
+
+    def copy_out(self, layers: Sequence[int], block_ids: Sequence[int], out: memoryview) -> int:
+        """Gather pages into a byte buffer (transfer order) and return the CRC-32 of the bytes
+        written (CPU pools only). See `_copy_bytes`."""
+        return self._copy_bytes(layers, block_ids, out, to_pool=False)
+
+    def copy_in(self, layers: Sequence[int], block_ids: Sequence[int], src: memoryview) -> int:
+        """Scatter a byte buffer of pages (transfer order) into the pool and return the CRC-32
+        of the bytes as they were read (CPU pools only). See `_copy_bytes`."""
+        return self._copy_bytes(layers, block_ids, src, to_pool=True)
+
+    def _copy_bytes(
+        self, layers: Sequence[int], block_ids: Sequence[int], buf: memoryview, *, to_pool: bool
+    ) -> int:
+        """Plain memcpy of each run of consecutive pages (one thread: no stragglers when the
+        cores are busy), in pieces of at most _PIECE bytes, each checksummed right after its
+        copy while it is still in the CPU cache -- a second pass over the whole buffer would
+        cost about as much as the copy."""
+        self.check_layers(layers)
+        self.check_blocks(block_ids)
+        buf = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        if len(buf) != len(layers) * 2 * len(block_ids) * self.layout.page_bytes:
+            raise ValueError(f"buffer of {len(buf)} bytes does not fit the pages")
+        pool = self.host_bytes()
+        pb, nb = self.layout.page_bytes, self.layout.num_blocks
+        runs = block_runs(block_ids)
+        crc, pos = 0, 0
+        for layer in layers:
+            for kind in (0, 1):
+                row = (layer * 2 + kind) * nb
+                for first, count in runs:
+                    start, end = (row + first) * pb, (row + first + count) * pb
+                    while start < end:
+                        n = min(end - start, _PIECE)
+                        piece = buf[pos : pos + n]
+                        if to_pool:
+                            pool[start : start + n] = piece
+                        else:
+                            piece[:] = pool[start : start + n]
+                        crc = crc32(piece, crc)
+                        start += n
+                        pos += n
+        return crc
 
     def fill(self, block_ids: Sequence[int], byte: int) -> None:
         """Overwrite every page of `block_ids` (all layers, K and V) with one byte value."""
@@ -114,26 +224,16 @@ class PagedKV:
             1, _index(block_ids, self.device), byte
         )
 
-    def _gather_into(
-        self, layers: Sequence[int], block_ids: Sequence[int], out: torch.Tensor
-    ) -> torch.Tensor:
-        shape = (len(layers), 2, len(block_ids), self.layout.page_bytes)
-        if out.dtype != torch.uint8 or out.numel() != math.prod(shape) or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous uint8 buffer of {math.prod(shape)} bytes")
-        if self.device.type != "cpu":
-            out.view(shape).copy_(self.gather(layers, block_ids))
-            return out.view(shape)
-        rows = out.view(self._rows.dtype).view(len(layers) * 2, len(block_ids), -1)
-        idx = _index(block_ids, self.device)
-        for i, layer in enumerate(layers):
-            torch.index_select(self._layer_rows(layer), 1, idx, out=rows[2 * i : 2 * i + 2])
-        return out.view(shape)
 
-    def _all(self, layers: Sequence[int]) -> bool:
-        return list(layers) == list(range(self.layout.num_layers))
-
-    def _layer_rows(self, layer: int) -> torch.Tensor:
-        return self._rows[2 * layer : 2 * layer + 2]  # (2, num_blocks, words): K and V rows
+def _layer_runs(layers: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first pool row, first buffer row, rows) per run of consecutive layers (2 rows each)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, layer in enumerate(layers):
+        if runs and 2 * layer == runs[-1][0] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 2)
+        else:
+            runs.append((2 * layer, 2 * i, 2))
+    return runs
 
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -3,7 +3,9 @@ that sees protobuf."""
 
 from __future__ import annotations
 
-from kvtransfer.chunking import Chunk, PageSlice
+from google.protobuf.message import DecodeError
+
+from kvtransfer.chunking import Chunk, ChunkParts, PageSlice, TransferError
 from kvtransfer.exporter import ReadRequest
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout
@@ -52,6 +54,7 @@ def read_request_from_pb(msg: kvtransfer_pb2.ReadBlocksRequest) -> ReadRequest:
         epoch=msg.epoch,
         compat_hash=msg.compat_hash,
         max_chunk_bytes=msg.max_chunk_bytes,
+        packed=msg.packed,
     )
 
 
@@ -63,6 +66,7 @@ def read_request_to_pb(req: ReadRequest) -> kvtransfer_pb2.ReadBlocksRequest:
         epoch=req.epoch,
         compat_hash=req.compat_hash,
         max_chunk_bytes=req.max_chunk_bytes,
+        packed=req.packed,
     )
 
 
@@ -75,15 +79,114 @@ def chunk_to_pb(chunk: Chunk) -> kvtransfer_pb2.KVChunk:
             )
             for s in chunk.slices
         ],
-        data=chunk.data,
+        data=bytes(chunk.data),
         crc32=chunk.crc32,
         total_bytes=chunk.total_bytes,
+        stream_offset=chunk.stream_offset,
     )
 
 
 def chunk_from_pb(msg: kvtransfer_pb2.KVChunk) -> Chunk:
     slices = [PageSlice(s.layer, s.kind, s.block_id, s.offset, s.length) for s in msg.slices]
-    return Chunk(msg.seq, slices, msg.data, msg.crc32, msg.total_bytes)
+    return Chunk(msg.seq, slices, msg.data, msg.crc32, msg.total_bytes, msg.stream_offset)
+
+
+# -- KVChunk without copying its data ---------------------------------------------------------
+#
+# A KVChunk is a few small fields and one large `data` (field 3). Building the message object
+# and serializing it would copy the data twice (and parsing, twice more), so the server writes
+# the wire bytes itself -- the small fields, then the data tag and length, then the page bytes,
+# joined with one copy -- and the client finds the data in the received bytes and reads it in
+# place (a memoryview), parsing only the rest with protobuf. Both are the standard encoding:
+# a generated KVChunk parses what the server writes, and the client reads any valid KVChunk.
+
+_DATA_TAG = bytes([(3 << 3) | 2])  # field 3, length-delimited
+
+
+def encode_chunk(parts: ChunkParts, total_bytes: int) -> bytes:
+    header = kvtransfer_pb2.KVChunk(
+        seq=parts.seq,
+        slices=[
+            kvtransfer_pb2.PageSlice(
+                layer=s.layer, kind=s.kind, block_id=s.block_id, offset=s.offset, length=s.length
+            )
+            for s in parts.slices
+        ],
+        crc32=parts.crc32,
+        total_bytes=total_bytes,
+        stream_offset=parts.stream_offset,
+    ).SerializeToString()
+    return b"".join([header, _DATA_TAG, _varint(parts.nbytes), *parts.parts])
+
+
+def serialize_chunk(msg: bytes | kvtransfer_pb2.KVChunk) -> bytes:
+    """ReadBlocks' response serializer: wire bytes from `encode_chunk` pass through."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def chunk_from_bytes(raw: bytes) -> Chunk:
+    """A KVChunk from its wire bytes; `data` is a view of `raw` (no copy). TransferError when
+    the bytes are not a well-formed message."""
+    view = memoryview(raw)
+    n = len(raw)
+    pos = 0
+    data = (0, 0)
+    rest: list[memoryview] = []  # every field but data, for protobuf to parse
+    rest_start = 0
+    try:
+        while pos < n:
+            start = pos
+            key, pos = _read_varint(raw, pos)
+            wire_type = key & 7
+            if wire_type == 0:
+                _, pos = _read_varint(raw, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == 2:
+                length, pos = _read_varint(raw, pos)
+                if key >> 3 == 3:  # data: the last occurrence wins, as in protobuf
+                    if pos + length > n:
+                        raise TransferError("malformed KVChunk: data runs past the message")
+                    data = (pos, pos + length)
+                    rest.append(view[rest_start:start])
+                    rest_start = pos = pos + length
+                    continue
+                pos += length
+            else:
+                raise TransferError(f"malformed KVChunk: wire type {wire_type}")
+        if pos > n:
+            raise TransferError("malformed KVChunk: truncated field")
+        rest.append(view[rest_start:n])
+        msg = kvtransfer_pb2.KVChunk.FromString(b"".join(rest))
+    except (IndexError, DecodeError) as exc:
+        raise TransferError(f"malformed KVChunk: {exc}") from exc
+    chunk = chunk_from_pb(msg)
+    chunk.data = view[data[0] : data[1]]
+    return chunk
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise TransferError("malformed KVChunk: varint too long")
 
 
 def shm_to_pb(info: ShmSegmentInfo) -> kvtransfer_pb2.ShmSegment:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/pdserve/v1/kvtransfer.proto\x12\npdserve.v1\"\xc4\x01\n\x08KVLayout\x12\x16\n\x0elayout_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x12\n\nnum_blocks\x18\x08 \x01(\r\x12\x12\n\npage_bytes\x18\t \x01(\x04\"M\n\x10HandshakeRequest\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x13\n\x0b\x63ompat_hash\x18\x02 \x01(\t\"\xb1\x01\n\x11HandshakeResponse\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x13\n\x0b\x63ompat_hash\x18\x04 \x01(\t\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\x12\x15\n\rshm_available\x18\x07 \x01(\x08\"\x88\x01\n\x11ReadBlocksRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x13\n\x0b\x63ompat_hash\x18\x05 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\"n\n\tPageSlice\x12\r\n\x05layer\x18\x01 \x01(\r\x12 \n\x04kind\x18\x02 \x01(\x0e\x32\x12.pdserve.v1.KVKind\x12\x10\n\x08\x62lock_id\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"o\n\x07KVChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12%\n\x06slices\x18\x02 \x03(\x0b\x32\x15.pdserve.v1.PageSlice\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\"Z\n\nShmSegment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\r\n\x05\x63rc32\x18\x05 \x01(\x07\";\n\x12\x45xtendLeaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"\'\n\x13\x45xtendLeaseResponse\x12\x10\n\x08lease_ms\x18\x01 \x01(\r\"\'\n\x10KVReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"%\n\x11KVReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*&\n\x06KVKind\x12\r\n\tKV_KIND_K\x10\x00\x12\r\n\tKV_KIND_V\x10\x01\x32\x81\x03\n\x11KVTransferService\x12H\n\tHandshake\x12\x1c.pdserve.v1.HandshakeRequest\x1a\x1d.pdserve.v1.HandshakeResponse\x12\x42\n\nReadBlocks\x12\x1d.pdserve.v1.ReadBlocksRequest\x1a\x13.pdserve.v1.KVChunk0\x01\x12\x46\n\rReadBlocksShm\x12\x1d.pdserve.v1.ReadBlocksRequest\x1a\x16.pdserve.v1.ShmSegment\x12N\n\x0b\x45xtendLease\x12\x1e.pdserve.v1.ExtendLeaseRequest\x1a\x1f.pdserve.v1.ExtendLeaseResponse\x12\x46\n\x07Release\x12\x1c.pdserve.v1.KVReleaseRequest\x1a\x1d.pdserve.v1.KVReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/pdserve/v1/kvtransfer.proto\x12\npdserve.v1\"\xc4\x01\n\x08KVLayout\x12\x16\n\x0elayout_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x12\n\nnum_blocks\x18\x08 \x01(\r\x12\x12\n\npage_bytes\x18\t \x01(\x04\"M\n\x10HandshakeRequest\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x13\n\x0b\x63ompat_hash\x18\x02 \x01(\t\"\xb1\x01\n\x11HandshakeResponse\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x13\n\x0b\x63ompat_hash\x18\x04 \x01(\t\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\x12\x15\n\rshm_available\x18\x07 \x01(\x08\"\x98\x01\n\x11ReadBlocksRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x13\n\x0b\x63ompat_hash\x18\x05 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\x12\x0e\n\x06packed\x18\x07 \x01(\x08\"n\n\tPageSlice\x12\r\n\x05layer\x18\x01 \x01(\r\x12 \n\x04kind\x18\x02 \x01(\x0e\x32\x12.pdserve.v1.KVKind\x12\x10\n\x08\x62lock_id\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"\x86\x01\n\x07KVChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12%\n\x06slices\x18\x02 \x03(\x0b\x32\x15.pdserve.v1.PageSlice\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x15\n\rstream_offset\x18\x06 \x01(\x04\"Z\n\nShmSegment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\r\n\x05\x63rc32\x18\x05 \x01(\x07\";\n\x12\x45xtendLeaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"\'\n\x13\x45xtendLeaseResponse\x12\x10\n\x08lease_ms\x18\x01 \x01(\r\"\'\n\x10KVReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"%\n\x11KVReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*&\n\x06KVKind\x12\r\n\tKV_KIND_K\x10\x00\x12\r\n\tKV_KIND_V\x10\x01\x32\x81\x03\n\x11KVTransferService\x12H\n\tHandshake\x12\x1c.pdserve.v1.HandshakeRequest\x1a\x1d.pdserve.v1.HandshakeResponse\x12\x42\n\nReadBlocks\x12\x1d.pdserve.v1.ReadBlocksRequest\x1a\x13.pdserve.v1.KVChunk0\x01\x12\x46\n\rReadBlocksShm\x12\x1d.pdserve.v1.ReadBlocksRequest\x1a\x16.pdserve.v1.ShmSegment\x12N\n\x0b\x45xtendLease\x12\x1e.pdserve.v1.ExtendLeaseRequest\x1a\x1f.pdserve.v1.ExtendLeaseResponse\x12\x46\n\x07Release\x12\x1c.pdserve.v1.KVReleaseRequest\x1a\x1d.pdserve.v1.KVReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pdserve.v1.kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVKIND']._serialized_start=1146
-  _globals['_KVKIND']._serialized_end=1184
+  _globals['_KVKIND']._serialized_start=1186
+  _globals['_KVKIND']._serialized_end=1224
   _globals['_KVLAYOUT']._serialized_start=51
   _globals['_KVLAYOUT']._serialized_end=247
   _globals['_HANDSHAKEREQUEST']._serialized_start=249
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKERESPONSE']._serialized_start=329
   _globals['_HANDSHAKERESPONSE']._serialized_end=506
   _globals['_READBLOCKSREQUEST']._serialized_start=509
-  _globals['_READBLOCKSREQUEST']._serialized_end=645
-  _globals['_PAGESLICE']._serialized_start=647
-  _globals['_PAGESLICE']._serialized_end=757
-  _globals['_KVCHUNK']._serialized_start=759
-  _globals['_KVCHUNK']._serialized_end=870
-  _globals['_SHMSEGMENT']._serialized_start=872
-  _globals['_SHMSEGMENT']._serialized_end=962
-  _globals['_EXTENDLEASEREQUEST']._serialized_start=964
-  _globals['_EXTENDLEASEREQUEST']._serialized_end=1023
-  _globals['_EXTENDLEASERESPONSE']._serialized_start=1025
-  _globals['_EXTENDLEASERESPONSE']._serialized_end=1064
-  _globals['_KVRELEASEREQUEST']._serialized_start=1066
-  _globals['_KVRELEASEREQUEST']._serialized_end=1105
-  _globals['_KVRELEASERESPONSE']._serialized_start=1107
-  _globals['_KVRELEASERESPONSE']._serialized_end=1144
-  _globals['_KVTRANSFERSERVICE']._serialized_start=1187
-  _globals['_KVTRANSFERSERVICE']._serialized_end=1572
+  _globals['_READBLOCKSREQUEST']._serialized_end=661
+  _globals['_PAGESLICE']._serialized_start=663
+  _globals['_PAGESLICE']._serialized_end=773
+  _globals['_KVCHUNK']._serialized_start=776
+  _globals['_KVCHUNK']._serialized_end=910
+  _globals['_SHMSEGMENT']._serialized_start=912
+  _globals['_SHMSEGMENT']._serialized_end=1002
+  _globals['_EXTENDLEASEREQUEST']._serialized_start=1004
+  _globals['_EXTENDLEASEREQUEST']._serialized_end=1063
+  _globals['_EXTENDLEASERESPONSE']._serialized_start=1065
+  _globals['_EXTENDLEASERESPONSE']._serialized_end=1104
+  _globals['_KVRELEASEREQUEST']._serialized_start=1106
+  _globals['_KVRELEASEREQUEST']._serialized_end=1145
+  _globals['_KVRELEASERESPONSE']._serialized_start=1147
+  _globals['_KVRELEASERESPONSE']._serialized_end=1184
+  _globals['_KVTRANSFERSERVICE']._serialized_start=1227
+  _globals['_KVTRANSFERSERVICE']._serialized_end=1612
 # @@protoc_insertion_point(module_scope)

@@ -63,20 +63,22 @@ class HandshakeResponse(_message.Message):
     def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., compat_hash: _Optional[str] = ..., host_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., shm_available: _Optional[bool] = ...) -> None: ...
 
 class ReadBlocksRequest(_message.Message):
-    __slots__ = ("transfer_id", "block_ids", "layers", "epoch", "compat_hash", "max_chunk_bytes")
+    __slots__ = ("transfer_id", "block_ids", "layers", "epoch", "compat_hash", "max_chunk_bytes", "packed")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
     compat_hash: str
     max_chunk_bytes: int
-    def __init__(self, transfer_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., compat_hash: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    packed: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., compat_hash: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class PageSlice(_message.Message):
     __slots__ = ("layer", "kind", "block_id", "offset", "length")
@@ -93,18 +95,20 @@ class PageSlice(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., kind: _Optional[_Union[KVKind, str]] = ..., block_id: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("seq", "slices", "data", "crc32", "total_bytes")
+    __slots__ = ("seq", "slices", "data", "crc32", "total_bytes", "stream_offset")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STREAM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     seq: int
     slices: _containers.RepeatedCompositeFieldContainer[PageSlice]
     data: bytes
     crc32: int
     total_bytes: int
-    def __init__(self, seq: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[PageSlice, _Mapping]]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    stream_offset: int
+    def __init__(self, seq: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[PageSlice, _Mapping]]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., total_bytes: _Optional[int] = ..., stream_offset: _Optional[int] = ...) -> None: ...
 
 class ShmSegment(_message.Message):
     __slots__ = ("name", "size", "layers", "block_ids", "crc32")
