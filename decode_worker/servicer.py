@@ -51,8 +51,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         return worker_pb2.AbortResponse(aborted=await self._worker.abort(request.request_id))
 
     async def GetLoad(self, request, context):
-        snap = await self._worker.debug_snapshot()
-        return wire.load_report(
+        snap = self._worker.load_snapshot()
+        report = wire.load_report(
             snap.stats,
             engine_id=self._worker.engine_id,
             epoch=self._worker.epoch,
@@ -61,6 +61,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             num_pending=snap.num_active,
             serving=self._worker.serving,
         )
+        report.kv_transfer_bytes_total = self._worker.importer.bytes_pulled
+        report.kv_transfer_seconds_total = self._worker.importer.seconds_pulling
+        return report
 
     async def GetDebugState(self, request, context):
         snap = await self._worker.debug_snapshot()

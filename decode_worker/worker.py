@@ -137,6 +137,10 @@ class DecodeWorker:
         log.info("abort request_id=%s", request_id)
         return True
 
+    def load_snapshot(self) -> DebugSnapshot:
+        """Like debug_snapshot, from the engine's latest published stats: never waits on a step."""
+        return DebugSnapshot(self.engine_loop.latest_stats, len(self._active))
+
     async def debug_snapshot(self) -> DebugSnapshot:
         stats = await asyncio.wrap_future(self.engine_loop.stats())
         return DebugSnapshot(stats, len(self._active))

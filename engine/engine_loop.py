@@ -23,11 +23,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from engine.engine import EngineStats
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.engine import EngineStats, ImportReservation, LLMEngine
+    from engine.engine import ImportReservation, LLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._running = False
         self.num_step_errors = 0
+        # Refreshed by the engine thread after every step and command batch; reading it never
+        # waits for a (possibly long) step, so load reports stay prompt under heavy load.
+        self.latest_stats: EngineStats = engine.stats()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -167,6 +171,7 @@ class EngineLoop:
                 break
             if self.engine.has_unfinished_requests():
                 self._step()
+            self.latest_stats = self.engine.stats()
         self._shutdown()
 
     def _run_commands(self, *, block: bool) -> bool:

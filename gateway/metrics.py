@@ -128,6 +128,12 @@ class _WorkerCollector(Collector):
         preemptions = CounterMetricFamily(
             "pdserve:num_preemptions", "Preemptions on workers.", labels=labels
         )
+        transfer_bytes = CounterMetricFamily(
+            "pdserve:kv_transfer_bytes", "KV bytes pulled by decode workers.", labels=labels
+        )
+        transfer_seconds = CounterMetricFamily(
+            "pdserve:kv_transfer_seconds", "Seconds decode workers spent pulling KV.", labels=labels
+        )
         for w in self._pool.workers:
             key = [w.role, w.address]
             healthy.add_metric(key, 1.0 if w.healthy else 0.0)
@@ -137,4 +143,7 @@ class _WorkerCollector(Collector):
             waiting.add_metric(key, w.load.num_waiting)
             usage.add_metric(key, w.load.kv_cache_usage)
             preemptions.add_metric(key, w.load.num_preemptions)
-        yield from (running, waiting, usage, healthy, preemptions)
+            if w.role == "decode":
+                transfer_bytes.add_metric(key, w.load.kv_transfer_bytes_total)
+                transfer_seconds.add_metric(key, w.load.kv_transfer_seconds_total)
+        yield from (running, waiting, usage, healthy, preemptions, transfer_bytes, transfer_seconds)

@@ -56,6 +56,8 @@ class LoadSnapshot:
     num_blocks: int
     num_preemptions: int
     serving: bool
+    kv_transfer_bytes_total: int = 0
+    kv_transfer_seconds_total: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -216,4 +218,6 @@ def _load_snapshot(report: Any) -> LoadSnapshot:
         num_blocks=report.num_blocks,
         num_preemptions=report.num_preemptions,
         serving=report.serving,
+        kv_transfer_bytes_total=report.kv_transfer_bytes_total,
+        kv_transfer_seconds_total=report.kv_transfer_seconds_total,
     )

@@ -50,7 +50,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         return worker_pb2.ReleaseResponse(released=self._worker.release(request.transfer_id))
 
     async def GetLoad(self, request, context):
-        snap = await self._worker.debug_snapshot()
+        snap = self._worker.load_snapshot()
         return wire.load_report(
             snap.stats,
             engine_id=self._worker.identity.engine_id,

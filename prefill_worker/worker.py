@@ -146,6 +146,12 @@ class PrefillWorker:
         log.info("release transfer_id=%s released=%s", transfer_id, released)
         return released
 
+    def load_snapshot(self) -> DebugSnapshot:
+        """Like debug_snapshot, from the engine's latest published stats: never waits on a step."""
+        shm = len(self.exporter.shm) if self.exporter.shm is not None else 0
+        stats = self.engine_loop.latest_stats
+        return DebugSnapshot(stats, self.leases.transfer_ids(), shm, self._active)
+
     async def debug_snapshot(self) -> DebugSnapshot:
         stats = await asyncio.wrap_future(self.engine_loop.stats())
         shm = len(self.exporter.shm) if self.exporter.shm is not None else 0

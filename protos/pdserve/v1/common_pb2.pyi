@@ -75,7 +75,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("engine_id", "epoch", "role", "num_running", "num_waiting", "queue_depth", "kv_cache_usage", "num_free_blocks", "num_blocks", "num_held", "num_preemptions", "serving")
+    __slots__ = ("engine_id", "epoch", "role", "num_running", "num_waiting", "queue_depth", "kv_cache_usage", "num_free_blocks", "num_blocks", "num_held", "num_preemptions", "serving", "kv_transfer_bytes_total", "kv_transfer_seconds_total")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class LoadReport(_message.Message):
     NUM_HELD_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     epoch: int
     role: str
@@ -100,7 +102,9 @@ class LoadReport(_message.Message):
     num_held: int
     num_preemptions: int
     serving: bool
-    def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queue_depth: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_held: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
+    kv_transfer_bytes_total: int
+    kv_transfer_seconds_total: float
+    def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queue_depth: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_held: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., serving: _Optional[bool] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
