@@ -62,7 +62,13 @@ class KVTransferClient:
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        options = [("grpc.max_receive_message_length", _MAX_MESSAGE)]
+        options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            # A prefill worker restarted on the same address is reachable again within a
+            # second (gRPC's default reconnect backoff grows towards 120 s).
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
         self._channel = (
             grpc.aio.secure_channel(endpoint, credentials, options)
             if credentials is not None
