@@ -6,6 +6,7 @@ import hmac
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ErrorKind, GatewayError
@@ -31,8 +32,12 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive`: FastAPI turns any other exception met while it reads the body
+    into a 400 "error parsing the body", but lets an HTTPException through to the handlers."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"the request body is over {max_bytes} bytes")
 
 
 class BodyLimitMiddleware:
@@ -58,7 +63,7 @@ class BodyLimitMiddleware:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self._max:
-                raise _BodyTooLarge()
+                raise _BodyTooLarge(self._max)
             return message
 
         async def tracking_send(message: Message) -> None:
