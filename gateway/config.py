@@ -25,6 +25,8 @@ class GatewayConfig:
     max_n: int = 16
     max_stop_strings: int = 16
     max_body_bytes: int = 8 * 2**20  # larger HTTP bodies get 413
+    max_header_count: int = 100  # HTTP requests with more headers get 431
+    max_header_bytes: int = 32 * 2**10  # ... and with more header bytes in all
     prefill_timeout_s: float = 300.0  # deadline of one Prefill call
     request_timeout_s: float = 3600.0  # deadline of a whole request (every hop within it)
     control_timeout_s: float = 5.0  # Abort, Release, GetLoad
@@ -47,7 +49,14 @@ class GatewayConfig:
             raise ValueError("api_key must not be empty (omit it to disable auth)")
 
     def _check_positive(self) -> None:
-        for name in ("max_pending", "max_n", "max_stop_strings", "max_body_bytes"):
+        for name in (
+            "max_pending",
+            "max_n",
+            "max_stop_strings",
+            "max_body_bytes",
+            "max_header_count",
+            "max_header_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in (

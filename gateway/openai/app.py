@@ -15,7 +15,11 @@ from gateway.openai.chat import create_chat_completion
 from gateway.openai.common import check_model
 from gateway.openai.completions import create_completion
 from gateway.openai.errors import install_error_handlers
-from gateway.openai.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from gateway.openai.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    HeaderLimitMiddleware,
+)
 from gateway.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,6 +43,11 @@ def build_app(core: GatewayCore) -> FastAPI:
     if core.config.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=core.config.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=core.config.max_body_bytes)
+    app.add_middleware(
+        HeaderLimitMiddleware,
+        max_count=core.config.max_header_count,
+        max_bytes=core.config.max_header_bytes,
+    )  # outermost: checked first
     return app
 
 

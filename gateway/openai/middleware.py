@@ -1,4 +1,5 @@
-"""ASGI guards in front of the routes: the API key on /v1/*, and the request body size."""
+"""ASGI guards in front of the routes: the API key on /v1/*, the request body size, and the
+number and size of request headers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ErrorKind, GatewayError
-from gateway.openai.errors import error_response
+from gateway.openai.errors import error_body, error_response
 
 
 class ApiKeyMiddleware:
@@ -81,6 +82,32 @@ class BodyLimitMiddleware:
         error = GatewayError(ErrorKind.TOO_LARGE, f"the request body is over {self._max} bytes")
         response: JSONResponse = error_response(error)
         await response(scope, receive, send)
+
+
+class HeaderLimitMiddleware:
+    """431 for more than `max_count` headers or `max_bytes` of them in all. The HTTP parser
+    (h11) bounds only a head that arrives in pieces; one sent in a single write of any size
+    reaches the app parsed."""
+
+    def __init__(self, app: ASGIApp, max_count: int, max_bytes: int) -> None:
+        self.app = app
+        self._max_count = max_count
+        self._max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope.get("headers", ())
+            size = sum(len(name) + len(value) + 4 for name, value in headers)  # "k: v\r\n"
+            if len(headers) > self._max_count or size > self._max_bytes:
+                message = (
+                    f"too many request headers ({len(headers)} headers, {size} bytes; "
+                    f"at most {self._max_count} and {self._max_bytes} bytes)"
+                )
+                body = error_body(GatewayError(ErrorKind.TOO_LARGE, message))
+                body["error"]["code"] = 431
+                await JSONResponse(body, status_code=431)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes:
