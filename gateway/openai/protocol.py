@@ -120,8 +120,17 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: StrictBool = False
     top_logprobs: int | None = None
     add_generation_prompt: StrictBool = True
+    # vLLM accepts a Jinja template per request (behind a trust flag); rendering a client's
+    # template is running a client's code, so it is refused, not silently ignored.
+    chat_template: str | None = None
 
     def to_params(self) -> GenerationParams:
+        if self.chat_template is not None:
+            raise invalid(
+                "a chat template in the request is not accepted: prompts are rendered with the "
+                "server's template (set with pdserve gateway --chat-template)",
+                "chat_template",
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
