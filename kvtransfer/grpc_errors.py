@@ -24,6 +24,15 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Messages quote what the caller sent (transfer ids, hashes). A long one would push the
+# status past gRPC's 8 KiB metadata limit: the caller would get the stream reset with
+# RESOURCE_EXHAUSTED instead of the status meant for it.
+MAX_DETAILS_CHARS = 1024
+
+
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the call with the status that fits `exc` (raises, as context.abort does)."""
-    await context.abort(status_for(exc), f"{type(exc).__name__}: {exc}")
+    details = f"{type(exc).__name__}: {exc}"
+    if len(details) > MAX_DETAILS_CHARS:
+        details = details[: MAX_DETAILS_CHARS - 3] + "..."
+    await context.abort(status_for(exc), details)
