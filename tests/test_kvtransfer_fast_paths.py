@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -316,3 +319,19 @@ def test_shm_checksum_failure_falls_back_to_grpc_for_that_pull_only():
                 await client.close()
 
     asyncio.run(main())
+
+
+def test_transfer_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "kv.json"
+    argv = [sys.executable, "-m", "kvtransfer.bench", "--tokens", "64", "--layers", "2",
+            "--kv-heads", "1", "--head-dim", "8", "--repeats", "2", "--chunk-bytes", "4096",
+            "--output-json", str(out)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {
+        "memcpy", "memcpy_1thread", "copies", "bare_grpc", "grpc", "shm",
+    }  # fmt: skip
+    assert report["bytes"] == 2 * 2 * 4 * 16 * 8 * 4
+    assert {"shm_vs_memcpy", "grpc_vs_bare_grpc"} <= set(report["ratios"])
+    assert "shm_vs_memcpy" in proc.stdout
