@@ -222,3 +222,38 @@ def test_disconnect_mid_stream_frees_blocks_on_both_workers(cluster):
         assert state.num_held_leases == 0 and state.num_running == 0, state
         channel.close()
     assert 'finished_reason="abort"' in httpx.get(f"{g.http}/metrics").text
+
+
+def test_sixteen_concurrent_disaggregated_requests_equal_offline(cluster, tiny_llama):
+    """16 different long prompts at once (batched on both workers) give the offline greedy text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, g = cluster
+    prompts = [f"{LONG_PROMPT} number {i} and the lazy dog" for i in range(16)]
+    llm = LLM(model=str(tiny_llama), kv_cache_memory=1 << 20, device="cpu")
+    expected = [o.outputs[0].text for o in llm.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)]
+    client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused")
+    before = remote_prefills(g.http)
+
+    def one(prompt: str) -> str:
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0)
+        return out.choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, prompts))
+    assert got == expected
+    assert remote_prefills(g.http) == before + 16
+
+
+def test_seeded_sampling_equals_single_process(cluster, tiny_llama):
+    """A seeded sample through prefill worker -> KV pull -> decode worker equals one engine's."""
+    _, _, g = cluster
+    llm = LLM(model=str(tiny_llama), kv_cache_memory=1 << 20, device="cpu")
+    params = SamplingParams(temperature=1.0, seed=4242, max_tokens=10, ignore_eos=True)
+    expected = llm.generate(LONG_PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids
+    with GatewayClient(g.grpc, timeout=60) as grpc_client:
+        result = grpc_client.generate(
+            LONG_PROMPT, GenerationOptions(max_tokens=10, temperature=1.0, seed=4242, ignore_eos=True)
+        )
+    assert result.choices[0].token_ids == expected
