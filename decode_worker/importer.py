@@ -63,11 +63,12 @@ class KVImporter:
         lease on the prefill worker released. Returns the pull's stats (None: all cached here)."""
         handle = call.handle
         self._check_handle(call)
-        reservation = await asyncio.wrap_future(
-            self._loop.reserve_import(call.request_id, call.prompt_token_ids, call.params)
-        )
+        reserving = self._loop.reserve_import(call.request_id, call.prompt_token_ids, call.params)
         committed = released = False
         try:
+            # Inside the try: cancelled while the engine thread reserves, the blocks are ours
+            # already and only the abort below gives them back.
+            reservation = await asyncio.wrap_future(reserving)
             n = len(reservation.block_ids)
             if len(handle.block_ids) < n:
                 raise ValueError(f"KV handle has {len(handle.block_ids)} blocks, prompt needs {n}")

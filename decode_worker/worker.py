@@ -150,12 +150,13 @@ class DecodeWorker:
     async def _admit(self, call: DecodeCall, stream: RequestStream, active: _Active) -> bool:
         """Put the request into the engine; False if it was aborted first."""
         if call.handle is None:
-            await asyncio.wrap_future(
-                self.engine_loop.add_request(
-                    call.request_id, call.prompt_token_ids, call.params, stream
-                )
+            added = self.engine_loop.add_request(
+                call.request_id, call.prompt_token_ids, call.params, stream
             )
+            # Committed before the await: cancelled while the engine thread adds it, the request
+            # is in the engine and only the abort in decode()'s clean-up takes it out.
             active.committed = True
+            await asyncio.wrap_future(added)
             log.info("decode admitted request_id=%s local_prefill=1", call.request_id)
             return True
         icall = ImportCall(

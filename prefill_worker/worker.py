@@ -161,15 +161,17 @@ class PrefillWorker:
 
     async def _run_prompt(self, call: PrefillCall) -> RequestOutput:
         stream = RequestStream(asyncio.get_running_loop())
-        await asyncio.wrap_future(
-            self.engine_loop.add_request(
-                call.transfer_id, call.prompt_token_ids, call.params, stream, prefill_only=True
-            )
+        added = self.engine_loop.add_request(
+            call.transfer_id, call.prompt_token_ids, call.params, stream, prefill_only=True
         )
         try:
+            # A cancellation while the add is on the engine thread must abort too: the request
+            # is in the engine by then and would keep its blocks held with no lease to free them.
+            await asyncio.wrap_future(added)
             out = await stream.get()
         except asyncio.CancelledError:
-            # Client gone or deadline passed: the engine frees the blocks, held or not.
+            # Client gone or deadline passed: the engine frees the blocks, held or not (the abort
+            # runs after the add on the engine thread; an add that never ran makes it a no-op).
             self.engine_loop.abort(call.transfer_id)
             log.info(
                 "prefill cancelled request_id=%s transfer_id=%s", call.request_id, call.transfer_id
