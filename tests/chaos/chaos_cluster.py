@@ -12,6 +12,7 @@ through /health and /metrics only.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +113,15 @@ class Proc:
         except subprocess.TimeoutExpired:
             _kill_quietly(self.pid, signal.SIGKILL)
             self.popen.wait(10)  # type: ignore[union-attr]
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP for the duration of the block (a stalled, not dead, process), then SIGCONT."""
+        _kill_quietly(self.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            _kill_quietly(self.pid, signal.SIGCONT)
 
     def ready(self) -> bool:
         if self.role == "gateway":
