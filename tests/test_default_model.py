@@ -225,3 +225,43 @@ def test_bench_throughput_end_to_end_on_a_tiny_model(tiny_llama: Path, tmp_path:
     decode = report["decode"]
     assert decode["batch_size"] == 4 and decode["tokens"] == 4 * decode["num_steps"] > 0
     assert 0 < decode["peak_fraction"]
+
+
+def test_bench_requests_are_seeded_and_avoid_special_tokens(tiny_llama: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from pdserve.commands.bench_throughput import BenchConfig, make_requests
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    bench = BenchConfig(num_prompts=8, input_len_range=(5, 9), output_len_range=(2, 3), seed=7)
+    first, again = make_requests(tokenizer, bench), make_requests(tokenizer, bench)
+    assert first == again
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    for request in first:
+        assert 5 <= len(request.prompt_token_ids) <= 9 and 2 <= request.output_len <= 3
+        assert not special & set(request.prompt_token_ids)
+    other = make_requests(tokenizer, BenchConfig(num_prompts=8, input_len_range=(5, 9), seed=8))
+    assert other != first
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_prompts": 0}, "num_prompts"),
+        ({"input_len_range": (9, 5)}, "input_len_range"),
+        ({"output_len_range": (0, 4)}, "output_len_range"),
+        ({"baselines": ("vllm",)}, "unknown baseline"),
+        ({"hf_batch_size": 0}, "hf_batch_size"),
+    ],
+)
+def test_bench_config_rejects_bad_values(options: dict, message: str) -> None:
+    from pdserve.commands.bench_throughput import BenchConfig
+
+    with pytest.raises(ValueError, match=message):
+        BenchConfig(**options)
+
+
+def test_bench_cli_rejects_a_malformed_range(capsys) -> None:
+    with pytest.raises(SystemExit):
+        pdserve_main(["bench", "throughput", "--input-len-range", "32"])
+    assert "expected MIN:MAX" in capsys.readouterr().err

@@ -200,6 +200,11 @@ def run_benchmark(engine_config: Any, bench: BenchConfig, measure_peak: bool = T
     """Run everything `bench` asks for on `engine_config.model`; return the JSON-ready report."""
     import torch
 
+    if measure_peak and bench.decode_batch_size > engine_config.max_num_seqs:
+        raise ValueError(
+            f"decode_batch_size ({bench.decode_batch_size}) exceeds max_num_seqs "
+            f"({engine_config.max_num_seqs}): the batch could never decode all at once"
+        )
     model_dir = Path(engine_config.model)
     tokenizer = _load_tokenizer(model_dir)
     requests = make_requests(tokenizer, bench)
@@ -300,7 +305,7 @@ def measure_decode_rate(
     for request_id in ids:
         engine.add_request(request_id, [rng.choice(vocab) for _ in range(8)], params)
     started: set[str] = set()
-    while len(started) < len(ids):
+    while len(started) < len(ids) and engine.has_unfinished_requests():
         started.update(o.request_id for o in engine.step() if o.new_token_ids)
     tokens, steps, start = 0, 0, time.perf_counter()
     while steps < bench.decode_steps and engine.has_unfinished_requests():
