@@ -150,6 +150,7 @@ class KVTransferClient:
         )
         start = time.perf_counter()
         transport = self._pick(peer)
+        shm_suspect = False
         if transport == "shm":
             try:
                 num_bytes = await self._pull_shm(request, dst_block_ids)
@@ -162,9 +163,12 @@ class KVTransferClient:
                 if self._transport == "shm":
                     raise
                 log.warning("kv shm unusable (%s), falling back to grpc", exc)
-                self._shm_broken, transport = True, "grpc"
+                shm_suspect, transport = True, "grpc"
         if transport == "grpc":
             num_bytes = await self._read_grpc(request, dst_block_ids, timeout)
+            # Blame shared memory only once the same transfer was readable over gRPC: a segment
+            # also vanishes when its lease ends (expired or released), and then this read fails.
+            self._shm_broken = self._shm_broken or shm_suspect
         return PullResult(transport, num_bytes, time.perf_counter() - start)
 
     async def extend(self, transfer_id: str, lease_ms: int) -> int:
