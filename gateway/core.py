@@ -32,6 +32,7 @@ from gateway.validation import (
 from gateway.worker_pool import DECODE, WorkerPool
 
 log = logging.getLogger(__name__)
+MAX_REQUEST_ID_CHARS = 256
 
 
 class GatewayCore:
@@ -153,6 +154,11 @@ class GatewayCore:
         if not wanted:
             return f"req-{uuid.uuid4().hex}"
         check_text(wanted, "request_id")
+        if len(wanted) > MAX_REQUEST_ID_CHARS:  # it is echoed in every reply and worker log line
+            raise invalid(
+                f"request_id is {len(wanted)} characters long; at most {MAX_REQUEST_ID_CHARS}",
+                "request_id",
+            )
         if wanted in self._runs:
             raise invalid(f"request_id {wanted!r} is already in flight", "request_id")
         return wanted
