@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve.cli import build_parser
-from protos.pdserve.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
+from protos.pdserve.v1 import gateway_pb2, gateway_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
@@ -381,3 +381,42 @@ def test_after_the_battery_nothing_leaked_and_it_still_serves(up, figures):
                        "status_5xx": sum(c for s, c in statuses.items() if s >= 500),
                        "blocks_leaked": 0}  # fmt: skip
     assert not math.isnan(sum(statuses.values()))
+
+
+def test_grpc_front_door_refuses_bad_requests_with_status_codes(up):
+    gateway = up.gateways["small"]
+    bad = [
+        gateway_pb2.GenerateRequest(text="a" * (5 * 2**20)),  # over gRPC's 4 MiB message cap
+        gateway_pb2.GenerateRequest(text=""),
+        gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIdList(ids=[2**31])),
+        gateway_pb2.GenerateRequest(text="hi", params=gateway_pb2.GenerationParams(n=0)),
+        gateway_pb2.GenerateRequest(text="hi",
+                                    params=gateway_pb2.GenerationParams(temperature=math.nan)),
+        gateway_pb2.GenerateRequest(text="hi", params=gateway_pb2.GenerationParams(
+            max_tokens=10**6)),  # over the context
+        gateway_pb2.GenerateRequest(chat=gateway_pb2.ChatPrompt()),  # no messages
+        gateway_pb2.GenerateRequest(request_id="x" * 100_000, text="hi"),
+    ]  # fmt: skip
+    with grpc.insecure_channel(gateway.grpc_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        codes = [_generate_status(stub, request) for request in bad]
+        allowed = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+        assert not [c for c in codes if c[0] not in allowed], [c for c in codes if c[0] not in allowed]
+        ok = list(
+            stub.Generate(
+                gateway_pb2.GenerateRequest(
+                    text=LONG_PROMPT, params=gateway_pb2.GenerationParams(max_tokens=3)
+                ),
+                timeout=30,
+            )
+        )
+        assert sum(len(m.token_ids) for m in ok) == 3
+    up.wait_all_free("p0", "d1")
+
+
+def _generate_status(stub, request) -> tuple[str, str]:
+    try:
+        replies = list(stub.Generate(request, timeout=30))
+    except grpc.RpcError as exc:
+        return exc.code().name, (exc.details() or "")[:120]
+    return "OK", f"{len(replies)} replies"
