@@ -39,6 +39,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--num-threads", type=int, default=None,
+        help="torch threads for this process (default: torch's choice, one per core)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -56,4 +60,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        num_threads=args.num_threads,
     )

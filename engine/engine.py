@@ -56,6 +56,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_path = _resolve_model(config.model)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         self.device = _pick_device(config.device)
         self.dtype = _pick_dtype(config.dtype, self.device)
         hf_config, _ = load_hf_config(self.model_path)

@@ -3,7 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pdserve/__init__.py; before torch loads
+
+import torch  # noqa: E402
 
 # Triton reads TRITON_INTERPRET when it is imported (transformers may import it): without a GPU
 # its kernels run under the interpreter, so set it before any test module is collected.
