@@ -161,10 +161,16 @@ class GenerationStream:
 
 
 class GatewayClient:
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float | None = None,
+        api_key: str | None = None,  # the gateway's --api-key, sent as a Bearer token
+    ) -> None:
         self._channel = grpc.insecure_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout  # default deadline of every call, seconds
+        self._metadata = _auth_metadata(api_key)
 
     def stream(
         self,
@@ -176,7 +182,10 @@ class GatewayClient:
         timeout: float | None = None,
     ) -> GenerationStream:
         request = build_request(prompt, messages, options, request_id)
-        return GenerationStream(self._stub.Generate(request, timeout=timeout or self._timeout))
+        call = self._stub.Generate(
+            request, timeout=timeout or self._timeout, metadata=self._metadata
+        )
+        return GenerationStream(call)
 
     def generate(
         self,
@@ -210,7 +219,7 @@ class GatewayClient:
 
     def _unary(self, rpc: Any, request: Any) -> Any:
         try:
-            return rpc(request, timeout=self._timeout)
+            return rpc(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _call_error(exc) from exc
 
@@ -242,10 +251,16 @@ class AsyncGenerationStream:
 
 
 class AsyncGatewayClient:
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
+        self._metadata = _auth_metadata(api_key)
 
     def stream(
         self,
@@ -257,7 +272,10 @@ class AsyncGatewayClient:
         timeout: float | None = None,
     ) -> AsyncGenerationStream:
         request = build_request(prompt, messages, options, request_id)
-        return AsyncGenerationStream(self._stub.Generate(request, timeout=timeout or self._timeout))
+        call = self._stub.Generate(
+            request, timeout=timeout or self._timeout, metadata=self._metadata
+        )
+        return AsyncGenerationStream(call)
 
     async def generate(
         self,
@@ -292,12 +310,16 @@ class AsyncGatewayClient:
 
     async def _unary(self, rpc: Any, request: Any) -> Any:
         try:
-            return await rpc(request, timeout=self._timeout)
+            return await rpc(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _call_error(exc) from exc
 
 
 # -- conversions ----------------------------------------------------------------------------------
+
+
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
 def build_request(
