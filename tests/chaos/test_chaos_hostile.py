@@ -401,7 +401,9 @@ def test_grpc_front_door_refuses_bad_requests_with_status_codes(up):
         stub = gateway_pb2_grpc.GatewayStub(channel)
         codes = [_generate_status(stub, request) for request in bad]
         allowed = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
-        assert not [c for c in codes if c[0] not in allowed], [c for c in codes if c[0] not in allowed]
+        assert not [c for c in codes if c[0] not in allowed], [
+            c for c in codes if c[0] not in allowed
+        ]
         ok = list(
             stub.Generate(
                 gateway_pb2.GenerateRequest(
@@ -414,9 +416,52 @@ def test_grpc_front_door_refuses_bad_requests_with_status_codes(up):
     up.wait_all_free("p0", "d1")
 
 
-def _generate_status(stub, request) -> tuple[str, str]:
+def _generate_status(stub, request, metadata=None) -> tuple[str, str]:
     try:
-        replies = list(stub.Generate(request, timeout=30))
+        replies = list(stub.Generate(request, timeout=30, metadata=metadata))
     except grpc.RpcError as exc:
         return exc.code().name, (exc.details() or "")[:120]
     return "OK", f"{len(replies)} replies"
+
+
+def test_api_key_guards_the_grpc_front_door_too(tmp_path):
+    """With --api-key the gRPC Gateway service wants the same key as /v1/* (metadata
+    `authorization: Bearer KEY`); health stays open. Fake workers: no cluster needed."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from test_gateway_fakes import (
+        REPLY,
+        FakeWorker,
+        GatewayHarness,
+        build_tiny_model_folder,
+        make_config,
+    )
+
+    from gateway.tokenizer import GatewayTokenizer
+    from pdserve.client import GatewayCallError, GatewayClient
+
+    folder = build_tiny_model_folder(tmp_path)
+    tok = GatewayTokenizer(folder)
+    prefill = FakeWorker("prefill", tok.encode(REPLY), tok.eos_token_ids[0]).start()
+    decode = FakeWorker("decode", tok.encode(REPLY), tok.eos_token_ids[0]).start()
+    harness = GatewayHarness(make_config(folder, [prefill], [decode], api_key="s3cret"))
+    try:
+        request = gateway_pb2.GenerateRequest(text="hi")
+        with grpc.insecure_channel(harness.grpc_address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            for metadata in (None, [("authorization", "Bearer wrong")],
+                             [("authorization", "s3cret")]):  # fmt: skip
+                assert _generate_status(stub, request, metadata)[0] == "UNAUTHENTICATED"
+            ok = _generate_status(stub, request, [("authorization", "Bearer s3cret")])
+            assert ok[0] == "OK", ok
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        with GatewayClient(harness.grpc_address, timeout=30, api_key="s3cret") as client:
+            assert client.generate("hi").text
+        with GatewayClient(harness.grpc_address, timeout=30) as client:
+            with pytest.raises(GatewayCallError) as info:
+                client.generate("hi")
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        harness.close()
+        prefill.stop()
+        decode.stop()
