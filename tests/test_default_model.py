@@ -221,7 +221,8 @@ def test_bench_throughput_end_to_end_on_a_tiny_model(tiny_llama: Path, tmp_path:
     assert report["baselines"]["hf"]["num_requests"] == 3
     assert set(report["ratios"]) == {"hf", "hf-batch"}
     assert report["ratios"]["hf"]["engine_vs_baseline_output_tok_s"] > 0
-    assert report["matmul_peak_gflops"] > 0
+    assert report["matmul_peak_gflops"] == max(report["matmul_peak_samples_gflops"]) > 0
+    assert len(report["matmul_peak_samples_gflops"]) == 2
     decode = report["decode"]
     assert decode["batch_size"] == 4 and decode["tokens"] == 4 * decode["num_steps"] > 0
     assert 0 < decode["peak_fraction"]
