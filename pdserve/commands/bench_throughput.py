@@ -136,7 +136,6 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-batch-size", type=int, default=64)
     g.add_argument("--decode-steps", type=int, default=32)
     g.add_argument("--no-peak", action="store_true", help="skip the matmul peak + decode rate")
-    g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
     g.add_argument("--output-json", default=DEFAULT_OUTPUT_JSON)
 
 
@@ -146,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.cli_args import engine_config_from_args
     from engine.default_model import resolve_model
 
-    if args.num_threads is not None:
+    if args.num_threads is not None:  # the engine flag; the baselines and the peak use it too
         torch.set_num_threads(args.num_threads)
     bench = _bench_config_from_args(args)
     args.model = str(resolve_model(args.model, args.cache_dir))
