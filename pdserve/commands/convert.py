@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from engine.default_model import (
     DEFAULT_MODEL_NAME,
@@ -36,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     if is_converted(target) and not args.force:
         print(f"{DEFAULT_MODEL_NAME} is already converted: {target} (use --force to redo)")
         return 0
-    folder = convert_default_model(args.cache_dir, force=args.force)
+    try:
+        folder = convert_default_model(args.cache_dir, force=args.force)
+    except FileNotFoundError as exc:  # the GGUF package is not installed
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"{DEFAULT_MODEL_NAME} converted: {folder}")
     return 0
