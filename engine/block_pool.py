@@ -36,7 +36,9 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         # Front of the queue is evicted first.
-        self._free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._free: OrderedDict[int, KVCacheBlock] = OrderedDict(
+            (b.block_id, b) for b in self.blocks
+        )
         self._cached: dict[int, KVCacheBlock] = {}
 
     @property
@@ -110,7 +112,9 @@ class BlockPool:
         for block in self.blocks:
             in_free = block.block_id in self._free
             if in_free != (block.ref_cnt == 0):
-                raise AssertionError(f"block {block.block_id}: ref_cnt {block.ref_cnt}, in free queue {in_free}")
+                raise AssertionError(
+                    f"block {block.block_id}: ref_cnt {block.ref_cnt}, in free queue {in_free}"
+                )
             if block.ref_cnt < 0:
                 raise AssertionError(f"block {block.block_id}: negative ref_cnt")
             if block.block_hash is not None and self._cached.get(block.block_hash) is not block:
@@ -119,4 +123,6 @@ class BlockPool:
             raise AssertionError("a block is cached under two hashes")
         for h, block in self._cached.items():
             if block.block_hash != h:
-                raise AssertionError(f"cache entry {h} points at block {block.block_id} with another hash")
+                raise AssertionError(
+                    f"cache entry {h} points at block {block.block_id} with another hash"
+                )

@@ -22,12 +22,16 @@ def parse_size(text: str) -> int:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="local HF model folder (default: SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--model", default=None, help="local HF model folder (default: SmolLM2-135M-Instruct)"
+    )
     g.add_argument("--dtype", default="auto", choices=DTYPES)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV pool size, e.g. 1GiB")
+    g.add_argument(
+        "--kv-cache-memory", type=parse_size, default=None, help="KV pool size, e.g. 1GiB"
+    )
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -40,7 +44,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
-        "--num-threads", type=int, default=None,
+        "--num-threads",
+        type=int,
+        default=None,
         help="torch threads for this process (default: torch's choice, one per core)",
     )
 

@@ -23,7 +23,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     seed: int = 0
-    num_threads: int | None = None  # torch intra-op threads for this engine's process; None: torch's default
+    num_threads: int | None = (
+        None  # torch intra-op threads for this engine's process; None: torch's default
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -71,9 +71,16 @@ class LLMEngine:
         args = loaded.model.args
         self.vocab_size = args.vocab_size
         weights_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-        kv_bytes = kv_pool_bytes(self.device, config.kv_cache_memory, config.gpu_memory_utilization, weights_bytes)
-        spec = dict(num_layers=args.num_layers, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-                    block_size=config.block_size, dtype=self.dtype)
+        kv_bytes = kv_pool_bytes(
+            self.device, config.kv_cache_memory, config.gpu_memory_utilization, weights_bytes
+        )
+        spec = dict(
+            num_layers=args.num_layers,
+            num_kv_heads=args.num_kv_heads,
+            head_dim=args.head_dim,
+            block_size=config.block_size,
+            dtype=self.dtype,
+        )
         self.runner = ModelRunner(loaded, spec, kv_bytes, self.device, config.attention_backend)
         self.max_model_len = self._fit_max_model_len(max_len)
         self.pool = BlockPool(self.runner.spec.num_blocks, config.enable_prefix_caching)
@@ -84,9 +91,17 @@ class LLMEngine:
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
-        log.info("engine ready: %s (%s, %s params) on %s/%s, %d KV blocks of %d tokens, backend %s",
-                 self.model_path, self.architecture, f"{self.num_params:,}", self.device, self.dtype,
-                 self.pool.num_blocks, config.block_size, self.runner.backend.name)
+        log.info(
+            "engine ready: %s (%s, %s params) on %s/%s, %d KV blocks of %d tokens, backend %s",
+            self.model_path,
+            self.architecture,
+            f"{self.num_params:,}",
+            self.device,
+            self.dtype,
+            self.pool.num_blocks,
+            config.block_size,
+            self.runner.backend.name,
+        )
 
     # -- public API -------------------------------------------------------------------------
 
@@ -98,8 +113,14 @@ class LLMEngine:
     def kv_spec(self) -> KVCacheSpec:
         return self.runner.spec
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    *, prefill_only: bool = False) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prefill_only: bool = False,
+    ) -> None:
         request = self._new_request(request_id, prompt_token_ids, params, prefill_only)
         self.requests[request_id] = request
         self.scheduler.add(request)
@@ -126,23 +147,33 @@ class LLMEngine:
             raise KeyError(f"no held request {request_id!r}")
         return list(request.block_ids)
 
-    def reserve_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> ImportReservation:
+    def reserve_import(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> ImportReservation:
         request = self._new_request(request_id, prompt_token_ids, params, prefill_only=False)
         hits = self.kv.find_prefix_hits(request)
-        if not self.kv.allocate(request, request.num_tokens - len(hits) * self.config.block_size, hits):
-            raise QueueFullError(f"not enough free KV blocks to import {len(prompt_token_ids)} tokens")
+        if not self.kv.allocate(
+            request, request.num_tokens - len(hits) * self.config.block_size, hits
+        ):
+            raise QueueFullError(
+                f"not enough free KV blocks to import {len(prompt_token_ids)} tokens"
+            )
         request.num_cached_tokens = len(hits) * self.config.block_size
         request.status = RequestStatus.RESERVED
         self.requests[request_id] = request
         return ImportReservation(list(request.block_ids), len(hits))
 
-    def commit_import(self, request_id: str, first_token: int, first_logprob: TokenLogprob | None = None) -> None:
+    def commit_import(
+        self, request_id: str, first_token: int, first_logprob: TokenLogprob | None = None
+    ) -> None:
         request = self.requests.get(request_id)
         if request is None or request.status != RequestStatus.RESERVED:
             raise KeyError(f"no reserved import {request_id!r}")
         if not 0 <= first_token < self.vocab_size:
             self.abort_request(request_id)
-            raise ValueError(f"first token {first_token} outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(
+                f"first token {first_token} outside the vocabulary [0, {self.vocab_size})"
+            )
         request.num_computed_tokens = request.num_prompt_tokens
         self.kv.cache_full_blocks(request)
         if request.generator is not None and not request.params.greedy:
@@ -193,14 +224,19 @@ class LLMEngine:
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(s.request)
-        sampling = [s.request for s in sched.scheduled
-                    if s.request.num_computed_tokens == s.request.num_tokens]
+        sampling = [
+            s.request
+            for s in sched.scheduled
+            if s.request.num_computed_tokens == s.request.num_tokens
+        ]
         if not sampling:
             return []
         sampled = self.sampler(logits, sampling)
         return self._accept_tokens(sampling, sampled.token_ids, sampled.logprobs)
 
-    def _accept_tokens(self, requests: list[Request], tokens: list[int], logprobs) -> list[RequestOutput]:
+    def _accept_tokens(
+        self, requests: list[Request], tokens: list[int], logprobs
+    ) -> list[RequestOutput]:
         outputs = []
         for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
             request.append_token(token)
@@ -214,18 +250,27 @@ class LLMEngine:
                 request.stop_reason = stop.stop_reason
                 self.scheduler.finish(request, stop.finish_reason)
                 del self.requests[request.request_id]
-            outputs.append(self._output(request, [token], [logprob] if logprob else None,
-                                        finished=stop is not None))
+            outputs.append(
+                self._output(
+                    request, [token], [logprob] if logprob else None, finished=stop is not None
+                )
+            )
         return outputs
 
     def _finish_prefill(self, request: Request, token: int, logprob) -> RequestOutput:
         self.scheduler.finish(request, "prefill", keep_blocks=True)
         out = self._output(request, [token], [logprob] if logprob else None, finished=True)
-        out.prefill = PrefillResult(list(request.block_ids), request.num_prompt_tokens, token,
-                                    logprob[0] if logprob else None)
+        out.prefill = PrefillResult(
+            list(request.block_ids),
+            request.num_prompt_tokens,
+            token,
+            logprob[0] if logprob else None,
+        )
         return out
 
-    def _output(self, request: Request, tokens: list[int], logprobs, *, finished: bool) -> RequestOutput:
+    def _output(
+        self, request: Request, tokens: list[int], logprobs, *, finished: bool
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=tokens,
@@ -237,7 +282,9 @@ class LLMEngine:
             stop_reason=request.stop_reason if finished else None,
         )
 
-    def _new_request(self, request_id: str, prompt_token_ids, params, prefill_only: bool) -> Request:
+    def _new_request(
+        self, request_id: str, prompt_token_ids, params, prefill_only: bool
+    ) -> Request:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.n != 1:
@@ -247,7 +294,9 @@ class LLMEngine:
         self._check_prompt(prompt_token_ids)
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
-            raise ValueError(f"stop_token_ids {bad_stop} outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(
+                f"stop_token_ids {bad_stop} outside the vocabulary [0, {self.vocab_size})"
+            )
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
         request = Request(request_id, list(prompt_token_ids), params, prefill_only=prefill_only)
@@ -272,8 +321,10 @@ class LLMEngine:
         if wanted <= capacity:
             return wanted
         if self.config.max_model_len is not None:
-            raise ValueError(f"max_model_len {wanted} exceeds the KV pool ({capacity} tokens); "
-                             "raise kv_cache_memory or lower max_model_len")
+            raise ValueError(
+                f"max_model_len {wanted} exceeds the KV pool ({capacity} tokens); "
+                "raise kv_cache_memory or lower max_model_len"
+            )
         log.warning("max_model_len lowered to %d to fit the KV pool", capacity)
         return capacity
 
@@ -308,7 +359,9 @@ def _max_model_len(wanted: int | None, hf_config) -> int:
     if wanted is None:
         return min(limit, _DEFAULT_MAX_MODEL_LEN)
     if wanted > limit:
-        raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {limit}")
+        raise ValueError(
+            f"max_model_len {wanted} exceeds the model's max_position_embeddings {limit}"
+        )
     return wanted
 
 

@@ -34,7 +34,9 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
-    def allocate(self, request: Request, num_new_tokens: int, hits: list[KVCacheBlock] | None = None) -> bool:
+    def allocate(
+        self, request: Request, num_new_tokens: int, hits: list[KVCacheBlock] | None = None
+    ) -> bool:
         """Make room for `num_new_tokens` more computed tokens; False (nothing changed) if short."""
         hits = hits or []
         have = len(request.block_ids) + len(hits)
@@ -67,4 +69,7 @@ class KVCacheManager:
         request.block_hashes = []
 
     def slot(self, request: Request, position: int) -> int:
-        return request.block_ids[position // self.block_size] * self.block_size + position % self.block_size
+        return (
+            request.block_ids[position // self.block_size] * self.block_size
+            + position % self.block_size
+        )

@@ -57,8 +57,11 @@ class LLM:
         prompts = []
         for conv in conversations:
             ids = self.tokenizer.apply_chat_template(
-                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=True, return_dict=False,
+                conv,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=False,
             )
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
@@ -74,9 +77,13 @@ class LLM:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         if isinstance(prompt, dict) and "prompt" in prompt:
             return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        raise ValueError(f"a prompt is a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+        raise ValueError(
+            f"a prompt is a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}"
+        )
 
-    def _add_all(self, encoded, params, results) -> dict[str, tuple[LLMOutput, int, SamplingParams]]:
+    def _add_all(
+        self, encoded, params, results
+    ) -> dict[str, tuple[LLMOutput, int, SamplingParams]]:
         """Fan each prompt out into n engine requests; returns child id -> (result, index, params)."""
         children = {}
         try:
@@ -87,7 +94,9 @@ class LLM:
                     rid = f"llm-{self._counter}"
                     self._counter += 1
                     self.engine.add_request(rid, ids, child)
-                    result.outputs.append(CompletionOutput(j, "", [], None, [] if sp.logprobs is not None else None))
+                    result.outputs.append(
+                        CompletionOutput(j, "", [], None, [] if sp.logprobs is not None else None)
+                    )
                     children[rid] = (result, j, child)
         except Exception:
             for rid in children:
@@ -106,7 +115,9 @@ class LLM:
         finally:
             bar.close()
 
-    def _absorb(self, out: RequestOutput, result: LLMOutput, index: int, params: SamplingParams) -> None:
+    def _absorb(
+        self, out: RequestOutput, result: LLMOutput, index: int, params: SamplingParams
+    ) -> None:
         comp = result.outputs[index]
         comp.token_ids.extend(out.new_token_ids)
         if comp.logprobs is not None and out.new_logprobs:

@@ -38,7 +38,9 @@ def load_hf_config(path: Path):
     return config, arch
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_positions: int) -> LoadedModel:
+def load_model(
+    path: Path, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> LoadedModel:
     config, arch = load_hf_config(path)
     args = LlamaArgs.from_hf_config(config, arch)
     with torch.device("meta"):
@@ -73,7 +75,9 @@ def _rotary(config, args: LlamaArgs, max_positions: int) -> RotaryEmbedding:
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
+        inv_freq = 1.0 / (
+            base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim)
+        )
         scaling = 1.0
     else:
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")

@@ -30,7 +30,9 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
 
-def kv_pool_bytes(device: torch.device, kv_cache_memory: int | None, utilization: float, weights_bytes: int) -> int:
+def kv_pool_bytes(
+    device: torch.device, kv_cache_memory: int | None, utilization: float, weights_bytes: int
+) -> int:
     """Bytes for the KV pool: explicit size, else a fraction of free accelerator memory, else 2 GiB on CPU."""
     if kv_cache_memory is not None:
         return kv_cache_memory
@@ -41,8 +43,14 @@ def kv_pool_bytes(device: torch.device, kv_cache_memory: int | None, utilization
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, spec_without_blocks: dict, kv_bytes: int,
-                 device: torch.device, attention_backend: str) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        spec_without_blocks: dict,
+        kv_bytes: int,
+        device: torch.device,
+        attention_backend: str,
+    ) -> None:
         self.model = loaded.model
         self.device = device
         self.block_size = spec_without_blocks["block_size"]
@@ -56,8 +64,14 @@ class ModelRunner:
         self.spec = KVCacheSpec(num_blocks=num_blocks, **spec_without_blocks)
         # (L, 2, N, bs, Hkv, D): one block of one layer's K (or V) is one contiguous range.
         self.kv_cache = torch.zeros(
-            self.spec.num_layers, 2, num_blocks, self.block_size, self.spec.num_kv_heads,
-            self.spec.head_dim, dtype=self.spec.dtype, device=device,
+            self.spec.num_layers,
+            2,
+            num_blocks,
+            self.block_size,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+            dtype=self.spec.dtype,
+            device=device,
         )
         self.backend = get_backend(attention_backend, device)
 

@@ -42,8 +42,11 @@ class Sampler:
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows = [
-            i for i, r in enumerate(requests)
-            if r.params.presence_penalty or r.params.frequency_penalty or r.params.repetition_penalty != 1.0
+            i
+            for i, r in enumerate(requests)
+            if r.params.presence_penalty
+            or r.params.frequency_penalty
+            or r.params.repetition_penalty != 1.0
         ]
         for i in rows:  # only rows that ask for penalties pay for them
             p = requests[i].params
@@ -53,7 +56,9 @@ class Sampler:
                 seen = torch.zeros(logits.shape[1], dtype=torch.bool)
                 seen[torch.tensor(requests[i].all_token_ids, dtype=torch.long)] = True
                 row = logits[i]
-                penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                penalised = torch.where(
+                    row > 0, row / p.repetition_penalty, row * p.repetition_penalty
+                )
                 logits[i] = torch.where(seen, penalised, row)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         return logits
@@ -61,7 +66,9 @@ class Sampler:
     def _mask_early_stop(self, logits: torch.Tensor, requests: list[Request]) -> None:
         for i, r in enumerate(requests):
             if r.num_output_tokens < r.params.min_tokens:
-                banned = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(self.eos_token_ids))
+                banned = list(r.params.stop_token_ids) + (
+                    [] if r.params.ignore_eos else list(self.eos_token_ids)
+                )
                 if banned:
                     logits[i, [t for t in banned if t < logits.shape[1]]] = float("-inf")
 
@@ -92,7 +99,11 @@ class Sampler:
             if w is None:
                 out.append(None)
                 continue
-            top = {} if not w else dict(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist(), strict=True))
+            top = (
+                {}
+                if not w
+                else dict(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist(), strict=True))
+            )
             out.append((chosen[i], top))
         return out
 

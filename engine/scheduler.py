@@ -79,7 +79,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             hits = [] if request.block_ids else self.kv.find_prefix_hits(request)
-            pending = request.num_tokens - request.num_computed_tokens - len(hits) * self.kv.block_size
+            pending = (
+                request.num_tokens - request.num_computed_tokens - len(hits) * self.kv.block_size
+            )
             num_new = min(pending, budget)
             if not self.kv.allocate(request, num_new, hits):
                 break

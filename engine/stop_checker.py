@@ -41,7 +41,7 @@ class StopChecker:
     def _stop_string(self, request: Request) -> str | None:
         # Only the tail can hold a new match: enough tokens to cover the longest stop string.
         longest = max(len(s) for s in request.params.stop)
-        tail = request.output_token_ids[-(longest + 4):]
+        tail = request.output_token_ids[-(longest + 4) :]
         text = self.tokenizer.decode(tail, skip_special_tokens=request.params.skip_special_tokens)
         for s in request.params.stop:
             if s in text:

@@ -42,7 +42,9 @@ def test_batched_equals_one_at_a_time(llm, reference):
 
 
 def test_chunked_prefill_gives_same_tokens(tiny_llama, reference):
-    small = LLM(model=str(tiny_llama), kv_cache_memory=1 << 20, block_size=4, max_num_batched_tokens=5)
+    small = LLM(
+        model=str(tiny_llama), kv_cache_memory=1 << 20, block_size=4, max_num_batched_tokens=5
+    )
     assert generate(small) == reference
     assert_clean(small.engine)
 
@@ -82,8 +84,8 @@ def test_split_prefill_export_import_decode(tiny_llama, reference):
         held = done.prefill.block_ids
         assert a.held_block_ids(rid) == held
         res = b.reserve_import(rid, prompt, GREEDY)
-        src = held[res.num_cached_blocks:]
-        dst = res.block_ids[res.num_cached_blocks:]
+        src = held[res.num_cached_blocks :]
+        dst = res.block_ids[res.num_cached_blocks :]
         b.kv_cache[:, :, dst] = a.kv_cache[:, :, src]  # (L, 2, n, bs, H, D) export -> import
         a.release_held(rid)
         b.commit_import(rid, done.prefill.first_token)
@@ -143,9 +145,17 @@ def test_out_of_range_sampling_values(kwargs, match):
 
 def test_seed_is_reproducible_whatever_the_batch(llm):
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=8, ignore_eos=True)
-    alone = llm.generate({"prompt_token_ids": PROMPTS[0]}, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    alone = (
+        llm.generate({"prompt_token_ids": PROMPTS[0]}, seeded, use_tqdm=False)[0]
+        .outputs[0]
+        .token_ids
+    )
     crowd = [{"prompt_token_ids": p} for p in PROMPTS]
-    params = [seeded, SamplingParams(temperature=1.0, max_tokens=8), SamplingParams(temperature=0.7, max_tokens=5)]
+    params = [
+        seeded,
+        SamplingParams(temperature=1.0, max_tokens=8),
+        SamplingParams(temperature=0.7, max_tokens=5),
+    ]
     again = llm.generate(crowd, params, use_tqdm=False)[0].outputs[0].token_ids
     assert alone == again
     other = llm.generate({"prompt_token_ids": PROMPTS[0]}, seeded.clone(seed=99), use_tqdm=False)
@@ -154,36 +164,62 @@ def test_seed_is_reproducible_whatever_the_batch(llm):
 
 def test_stop_token_ids_logprobs_and_n(llm, reference):
     stop_at = reference[0][3]
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=[stop_at], logprobs=2)
+    params = SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=[stop_at], logprobs=2
+    )
     (out,) = llm.generate({"prompt_token_ids": PROMPTS[0]}, params, use_tqdm=False)
     comp = out.outputs[0]
     first = reference[0].index(stop_at)
     assert comp.token_ids == reference[0][: first + 1]
     assert comp.finish_reason == "stop" and comp.stop_reason == stop_at
     assert len(comp.logprobs) == len(comp.token_ids)
-    assert all(len(lp) in (2, 3) and tok in lp for lp, tok in zip(comp.logprobs, comp.token_ids, strict=True))
-    (many,) = llm.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=5),
-                           use_tqdm=False)
+    assert all(
+        len(lp) in (2, 3) and tok in lp
+        for lp, tok in zip(comp.logprobs, comp.token_ids, strict=True)
+    )
+    (many,) = llm.generate(
+        {"prompt_token_ids": PROMPTS[1]},
+        SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=5),
+        use_tqdm=False,
+    )
     assert [c.index for c in many.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 4 and c.finish_reason == "length" for c in many.outputs)
 
 
 def test_stop_strings_truncate_text(llm):
-    (base,) = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    (base,) = llm.generate(
+        "hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )
     text = base.outputs[0].text
     stop = text[4:6]
     assert stop
-    (cut,) = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
-                          use_tqdm=False)
+    (cut,) = llm.generate(
+        "hello world",
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
+        use_tqdm=False,
+    )
     assert cut.outputs[0].finish_reason == "stop" and cut.outputs[0].stop_reason == stop
     assert cut.outputs[0].text == text[: text.find(stop)]
-    (kept,) = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop],
-                                                          include_stop_str_in_output=True), use_tqdm=False)
+    (kept,) = llm.generate(
+        "hello world",
+        SamplingParams(
+            temperature=0,
+            max_tokens=12,
+            ignore_eos=True,
+            stop=[stop],
+            include_stop_str_in_output=True,
+        ),
+        use_tqdm=False,
+    )
     assert kept.outputs[0].text == text[: text.find(stop) + len(stop)]
 
 
 def test_chat_applies_template(llm):
-    outs = llm.chat([{"role": "user", "content": "hello"}], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    outs = llm.chat(
+        [{"role": "user", "content": "hello"}],
+        SamplingParams(temperature=0, max_tokens=3),
+        use_tqdm=False,
+    )
     ids = outs[0].prompt_token_ids
     assert llm.tokenizer.decode(ids).startswith("<|im_start|>user\nhello<|im_end|>")
 

@@ -3,13 +3,33 @@
 import pytest
 import torch
 import transformers
-
 from tiny_models import ARCHITECTURES
+
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
-PROMPT = [5, 17, 42, 99, 3, 250, 77, 12, 8, 61, 33, 140, 201, 9, 14, 160, 70, 5, 19]  # 19 tokens: > 1 block
+PROMPT = [
+    5,
+    17,
+    42,
+    99,
+    3,
+    250,
+    77,
+    12,
+    8,
+    61,
+    33,
+    140,
+    201,
+    9,
+    14,
+    160,
+    70,
+    5,
+    19,
+]  # 19 tokens: > 1 block
 DECODE_STEPS = 6
 
 
@@ -33,8 +53,11 @@ def _engine_logits(engine: LLMEngine, tokens: list[int]) -> list[torch.Tensor]:
 
     engine.runner.execute = capture
     try:
-        engine.add_request("p", tokens[: len(PROMPT)], SamplingParams(temperature=0, max_tokens=DECODE_STEPS + 1,
-                                                                          ignore_eos=True))
+        engine.add_request(
+            "p",
+            tokens[: len(PROMPT)],
+            SamplingParams(temperature=0, max_tokens=DECODE_STEPS + 1, ignore_eos=True),
+        )
         request = engine.requests["p"]
         while engine.has_unfinished_requests():
             engine.step()
@@ -70,13 +93,23 @@ def test_greedy_generate_matches_transformers(pair):
     llm = LLM.__new__(LLM)  # reuse the loaded engine
     llm.engine, llm.tokenizer, llm._counter = engine, engine.tokenizer, 0
     prompts = [PROMPT, PROMPT[:5], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+        use_tqdm=False,
+    )
     for p, out in zip(prompts, outs, strict=True):
         ids = torch.tensor([p])
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert out.outputs[0].token_ids == ref[0, len(p):].tolist()
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        assert out.outputs[0].token_ids == ref[0, len(p) :].tolist()
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):

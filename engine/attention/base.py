@@ -21,7 +21,9 @@ import torch
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # (T,) int64: flat slot (block_id * block_size + offset) per new token
+    slot_mapping: (
+        torch.Tensor
+    )  # (T,) int64: flat slot (block_id * block_size + offset) per new token
     block_tables: torch.Tensor  # (B, max_blocks) int32, padded with 0 beyond a sequence's blocks
     context_lens: torch.Tensor  # (B,) int32: tokens in the cache after this step, per sequence
     query_lens: torch.Tensor  # (B,) int32: new tokens per sequence

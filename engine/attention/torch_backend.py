@@ -22,7 +22,9 @@ class TorchAttentionBackend:
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, key)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, value)
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(
+        self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
         if meta.is_decode_only:
             return _decode(query, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
         return _mixed(query, k_cache, v_cache, meta, scale)
@@ -61,13 +63,23 @@ def _mixed(q, k_cache, v_cache, meta: AttentionMetadata, scale) -> torch.Tensor:
     if bool(is_decode.any()):
         rows = starts[is_decode]
         out[rows] = _decode(
-            q[rows], k_cache, v_cache, meta.block_tables[is_decode], meta.context_lens[is_decode], scale
+            q[rows],
+            k_cache,
+            v_cache,
+            meta.block_tables[is_decode],
+            meta.context_lens[is_decode],
+            scale,
         )
     prefill = ~is_decode
     out_rows, res = _prefill(
-        q, k_cache, v_cache,
-        meta.block_tables[prefill], meta.context_lens[prefill], meta.query_lens[prefill],
-        starts[prefill], scale,
+        q,
+        k_cache,
+        v_cache,
+        meta.block_tables[prefill],
+        meta.context_lens[prefill],
+        meta.query_lens[prefill],
+        starts[prefill],
+        scale,
     )
     out[out_rows] = res
     return out
@@ -85,7 +97,9 @@ def _prefill(q, k_cache, v_cache, block_tables, context_lens, query_lens, starts
     L = k.shape[2]
     offs = torch.arange(max_q, device=q.device)
     valid = offs[None, :] < query_lens[:, None]  # (B, Q)
-    rows = (starts[:, None] + offs[None, :]).masked_select(valid)  # flat token index of each valid slot
+    rows = (starts[:, None] + offs[None, :]).masked_select(
+        valid
+    )  # flat token index of each valid slot
     qp = q.new_zeros(B, max_q, Hq, D)
     qp[valid] = q[rows]
     qp = qp.view(B, max_q, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * max_q, D)

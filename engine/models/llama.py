@@ -188,9 +188,13 @@ class LlamaForCausalLM(nn.Module):
         for i in range(self.args.num_layers):
             p = f"model.layers.{i}."
             attn, mlp = p + "self_attn.", p + "mlp."
-            own[attn + "qkv_proj.weight"] = [attn + n + ".weight" for n in ("q_proj", "k_proj", "v_proj")]
+            own[attn + "qkv_proj.weight"] = [
+                attn + n + ".weight" for n in ("q_proj", "k_proj", "v_proj")
+            ]
             if self.args.attention_bias:
-                own[attn + "qkv_proj.bias"] = [attn + n + ".bias" for n in ("q_proj", "k_proj", "v_proj")]
+                own[attn + "qkv_proj.bias"] = [
+                    attn + n + ".bias" for n in ("q_proj", "k_proj", "v_proj")
+                ]
             own[mlp + "gate_up_proj.weight"] = [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded = set()
@@ -204,9 +208,15 @@ class LlamaForCausalLM(nn.Module):
             missing = [s for s in sources if s not in tensors]
             if missing:
                 raise ValueError(f"checkpoint is missing weights {missing[:3]}")
-            value = torch.cat([tensors[s] for s in sources], dim=0) if len(sources) > 1 else tensors[sources[0]]
+            value = (
+                torch.cat([tensors[s] for s in sources], dim=0)
+                if len(sources) > 1
+                else tensors[sources[0]]
+            )
             if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"weight {name}: checkpoint shape {tuple(value.shape)} != {tuple(param.shape)}")
+                raise ValueError(
+                    f"weight {name}: checkpoint shape {tuple(value.shape)} != {tuple(param.shape)}"
+                )
             with torch.no_grad():
                 param.copy_(value)
             loaded.add(name)
