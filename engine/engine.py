@@ -188,6 +188,10 @@ class LLMEngine:
         if request is not None and request.status == RequestStatus.RESERVED:
             self.abort_request(request_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block hash (blocks in use keep their contents, just unshared)."""
+        self.pool.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending)
 

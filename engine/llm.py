@@ -45,6 +45,10 @@ class LLM:
         self._run(children, len(children), use_tqdm)
         return results
 
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache, e.g. between benchmark runs over the same prompts."""
+        self.engine.reset_prefix_cache()
+
     def chat(
         self,
         messages: list[dict] | list[list[dict]],

@@ -267,3 +267,16 @@ def test_seeded_sampling_same_split_or_not(tiny_llama):
     while b.has_unfinished_requests():
         split += [t for o in b.step() for t in o.new_token_ids]
     assert split == whole
+
+
+def test_reset_prefix_cache_forgets_hits(llm):
+    engine = llm.engine
+    generate(llm, [PROMPTS[0]])
+    request_hits = engine.kv.find_prefix_hits
+    from engine.request import Request
+
+    probe = Request("probe", PROMPTS[0], GREEDY)
+    assert len(request_hits(probe)) == 5
+    llm.reset_prefix_cache()
+    assert request_hits(probe) == []
+    engine.pool.check_integrity()

@@ -260,7 +260,7 @@ def _clear_prefix_cache(llm: Any) -> None:
     """Forget cached prefix blocks so a repeated prompt is computed again (engine is idle)."""
     if llm.engine.has_unfinished_requests():
         raise RuntimeError("the prefix cache can only be cleared while the engine is idle")
-    llm.engine.pool.reset_prefix_cache()
+    llm.reset_prefix_cache()
 
 
 def run_engine(llm: Any, requests: Sequence[BenchRequest], name: str) -> RunResult:
