@@ -366,3 +366,10 @@ def test_tokenizer_gives_random_prompts_of_the_asked_token_length(
                "--result-dir", str(tmp_path), "--result-filename", "t.json")  # fmt: skip
     assert rc == 0
     assert json.loads((tmp_path / "t.json").read_text())["tokenizer_id"] == str(tiny_llama)
+
+
+def test_sweep_seed_base_is_the_last_seed_flag() -> None:
+    from pdserve.bench.sweep import _base_seed
+
+    assert _base_seed(["--num-prompts", "8"]) == 0
+    assert _base_seed(["--seed", "3", "--ignore-eos", "--seed", "7"]) == 7

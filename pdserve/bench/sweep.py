@@ -161,14 +161,27 @@ def sweep(args: argparse.Namespace) -> list[SweepRow]:
         for dep in deployments:
             wait_ready(dep, args.ready_timeout)
             print(f"{dep.name} ready at {dep.base_url}", flush=True)
-        for rate in args.request_rates:
+        base_seed = _base_seed(args.bench_args)
+        for i, rate in enumerate(args.request_rates):
+            # A fresh seed per rate: each cluster lives through every rate, and reusing the
+            # prompts of the previous point would turn its prefills into prefix-cache hits.
+            bench_args = [*args.bench_args, "--seed", str(base_seed + i)]
             for dep in deployments:
                 print(f"{dep.name}: {rate:g} req/s ...", flush=True)
-                rows.append(run_bench(dep, rate, args.bench_args, out_dir))
+                rows.append(run_bench(dep, rate, bench_args, out_dir))
     finally:
         for dep in deployments:
             stop_deployment(dep)
     return rows
+
+
+def _base_seed(bench_args: Sequence[str]) -> int:
+    """The --seed given for the bench runs (the last one wins, as argparse does), else 0."""
+    seed = 0
+    for flag, value in zip(bench_args, bench_args[1:], strict=False):
+        if flag == "--seed":
+            seed = int(value)
+    return seed
 
 
 def _csv(kind: type, text: str) -> list:
