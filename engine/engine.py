@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
+from engine.default_model import resolve_model
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_loader import load_hf_config, load_model
 from engine.model_runner import KVCacheSpec, ModelRunner, kv_pool_bytes
@@ -55,7 +56,7 @@ class ImportReservation:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_path = _resolve_model(config.model)
+        self.model_path = resolve_model(config.model)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.device = _pick_device(config.device)
@@ -295,7 +296,7 @@ class LLMEngine:
             raise ValueError("the engine takes n=1 requests; fan out n>1 before adding")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._check_prompt(prompt_token_ids)
+        self.check_prompt(prompt_token_ids)
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
             raise ValueError(
@@ -308,7 +309,7 @@ class LLMEngine:
             request.generator = torch.Generator().manual_seed(params.seed)
         return request
 
-    def _check_prompt(self, prompt_token_ids) -> None:
+    def check_prompt(self, prompt_token_ids) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         for t in prompt_token_ids:
@@ -331,17 +332,6 @@ class LLMEngine:
             )
         log.warning("max_model_len lowered to %d to fit the KV pool", capacity)
         return capacity
-
-
-def _resolve_model(model: str | None) -> Path:
-    if model is not None:
-        path = Path(model).expanduser()
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model {model!r} is not a local Hugging Face folder (no config.json)")
-        return path
-    from engine.default_model import resolve_model
-
-    return resolve_model(None)
 
 
 def _pick_device(name: str) -> torch.device:

@@ -36,10 +36,8 @@ class LLM:
         items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = _per_prompt(sampling_params, len(items))
         encoded = [self._encode(p) for p in items]
-        for (_, ids), sp in zip(encoded, params, strict=True):
-            self.engine._check_prompt(ids)  # every prompt is checked before any is queued
-            if sp.max_tokens is None and len(ids) >= self.engine.max_model_len:
-                raise ValueError("prompt leaves no room to generate")
+        for _, ids in encoded:
+            self.engine.check_prompt(ids)  # every prompt is checked before any is queued
         results = [LLMOutput(str(i), text, ids) for i, (text, ids) in enumerate(encoded)]
         children = self._add_all(encoded, params, results)
         self._run(children, len(children), use_tqdm)
