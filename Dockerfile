@@ -17,9 +17,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # CUDA base images have no Python: install the distribution's (the slim image already has one).
+# g++ builds the CPU kernels (engine/cpu) on first start; it needs the Python headers too.
 RUN if ! command -v python3 >/dev/null 2>&1; then \
         apt-get update \
         && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && if ! command -v g++ >/dev/null 2>&1; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends g++ python3-dev \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
     && python3 -m venv /opt/venv \

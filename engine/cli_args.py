@@ -49,6 +49,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="torch threads for this process (default: torch's choice, one per core)",
     )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="CPU: run the eager module forward, not the compiled fused one",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -67,4 +72,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         seed=args.seed,
         num_threads=args.num_threads,
+        enforce_eager=args.enforce_eager,
     )

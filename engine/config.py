@@ -26,6 +26,9 @@ class EngineConfig:
     num_threads: int | None = (
         None  # torch intra-op threads for this engine's process; None: torch's default
     )
+    # CPU: run the eager nn.Module forward instead of the compiled fused one (engine/cpu);
+    # the eager path is the reference the fused one is tested against.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

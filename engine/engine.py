@@ -82,7 +82,16 @@ class LLMEngine:
             block_size=config.block_size,
             dtype=self.dtype,
         )
-        self.runner = ModelRunner(loaded, spec, kv_bytes, self.device, config.attention_backend)
+        self.runner = ModelRunner(
+            loaded,
+            spec,
+            kv_bytes,
+            self.device,
+            config.attention_backend,
+            enforce_eager=config.enforce_eager,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=max_len,
+        )
         self.max_model_len = self._fit_max_model_len(max_len)
         self.pool = BlockPool(self.runner.spec.num_blocks, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.block_size)
@@ -93,7 +102,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
         log.info(
-            "engine ready: %s (%s, %s params) on %s/%s, %d KV blocks of %d tokens, backend %s",
+            "engine ready: %s (%s, %s params) on %s/%s, %d KV blocks of %d tokens, %s",
             self.model_path,
             self.architecture,
             f"{self.num_params:,}",
@@ -101,7 +110,7 @@ class LLMEngine:
             self.dtype,
             self.pool.num_blocks,
             config.block_size,
-            self.runner.backend.name,
+            self.runner.describe(),
         )
 
     # -- public API -------------------------------------------------------------------------

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from engine import cpu
 from engine.attention import AttentionMetadata, get_backend
+from engine.cpu.fused_forward import FusedCPUForward
+from engine.input_batch import InputBatch
 from engine.model_loader import LoadedModel
 from engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 2 << 30  # 2 GiB: enough for SmolLM2 at 64 x 700 tokens
 
@@ -50,6 +56,9 @@ class ModelRunner:
         kv_bytes: int,
         device: torch.device,
         attention_backend: str,
+        enforce_eager: bool = False,
+        max_num_seqs: int = 64,
+        max_model_len: int = 4096,
     ) -> None:
         self.model = loaded.model
         self.device = device
@@ -74,45 +83,60 @@ class ModelRunner:
             device=device,
         )
         self.backend = get_backend(attention_backend, device)
+        self.input_batch = InputBatch(
+            max_rows=max(2 * max_num_seqs, 8),
+            max_blocks_per_seq=-(-max_model_len // self.block_size) + 1,
+            block_size=self.block_size,
+        )
+        # The compiled forward: CPU, float32, torch attention (auto) and not --enforce-eager.
+        self.fused = None
+        if (
+            not enforce_eager
+            and device.type == "cpu"
+            and self.spec.dtype == torch.float32
+            and self.backend.name == "torch"
+        ):
+            self.fused = _try_fused(self.model)
+
+    def describe(self) -> str:
+        if self.fused is not None:
+            return "fused CPU forward (compiled, paged attention in place)"
+        return f"eager forward, {self.backend.name} attention"
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run one step; returns (S, vocab) logits for the requests that sample, in schedule order."""
         input_ids, positions, meta, logits_idx = self._prepare(sched)
+        if self.fused is not None:
+            return self.fused(input_ids, positions, self.kv_cache, meta, logits_idx)
         return self.model(input_ids, positions, self.kv_cache, meta, self.backend, logits_idx)
 
     def _prepare(self, sched: SchedulerOutput):
-        bs = self.block_size
-        starts = np.array([s.request.num_computed_tokens for s in sched.scheduled], dtype=np.int64)
-        qlens = np.array([s.num_new_tokens for s in sched.scheduled], dtype=np.int64)
-        ctx = starts + qlens
-        cu = np.zeros(len(qlens) + 1, dtype=np.int64)
-        np.cumsum(qlens, out=cu[1:])
-        # Positions of every new token, flat: start_b + (0..qlen_b-1).
-        seq_of_token = np.repeat(np.arange(len(qlens)), qlens)
-        positions = starts[seq_of_token] + (np.arange(cu[-1]) - cu[:-1][seq_of_token])
-        max_blocks = int(-(-ctx.max() // bs))
-        tables = np.zeros((len(qlens), max_blocks), dtype=np.int32)
-        tokens = np.empty(cu[-1], dtype=np.int64)
-        for b, s in enumerate(sched.scheduled):
-            ids = s.request.block_ids[: -(-int(ctx[b]) // bs)]
-            tables[b, : len(ids)] = ids
-            tokens[cu[b] : cu[b + 1]] = s.request.all_token_ids[starts[b] : ctx[b]]
-        slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        logits_idx = [cu[b + 1] - 1 for b, s in enumerate(sched.scheduled) if s.samples]
+        a = self.input_batch.prepare(sched)
         dev = self.device
+
+        def put(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(x).to(dev)
+
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            block_tables=torch.from_numpy(tables).to(dev),
-            context_lens=torch.from_numpy(ctx.astype(np.int32)).to(dev),
-            query_lens=torch.from_numpy(qlens.astype(np.int32)).to(dev),
-            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)).to(dev),
-            max_query_len=int(qlens.max()),
-            max_context_len=int(ctx.max()),
+            slot_mapping=put(a.slot_mapping),
+            block_tables=put(a.block_tables),
+            context_lens=put(a.context_lens),
+            query_lens=put(a.query_lens),
+            cu_seqlens_q=put(a.cu_seqlens_q),
+            max_query_len=int(a.query_lens.max()),
+            max_context_len=int(a.context_lens.max()),
         )
-        return (
-            torch.from_numpy(tokens).to(dev),
-            torch.from_numpy(positions).to(dev),
-            meta,
-            torch.tensor(logits_idx, dtype=torch.long, device=dev),
-        )
+        return put(a.input_ids), put(a.positions), meta, put(a.logits_indices)
+
+
+def _try_fused(model) -> FusedCPUForward | None:
+    """The compiled forward, or None (with a warning) where it cannot run on this machine."""
+    try:
+        if not cpu.load().has_avx512():
+            log.warning("this CPU has no AVX-512: running the eager forward")
+            return None
+        return FusedCPUForward(model)
+    except RuntimeError as exc:
+        log.warning("running the eager forward: %s", exc)
+        return None

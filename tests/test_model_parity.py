@@ -33,10 +33,28 @@ PROMPT = [
 DECODE_STEPS = 6
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+# The compiled CPU forward (the default) with the vectorised attention tile (block 16) and the
+# portable one (block 8), and the eager module path (--enforce-eager).
+MODES = [("fused", 16), ("fused", 8), ("eager", 8)]
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(a, m, bs) for a in ARCHITECTURES for m, bs in MODES],
+    ids=lambda p: f"{p[0]}-{p[1]}-bs{p[2]}",
+)
 def pair(request, tiny_model_factory):
-    path = tiny_model_factory(request.param)
-    engine = LLMEngine(EngineConfig(model=str(path), kv_cache_memory=1 << 20, block_size=8))
+    arch, mode, block_size = request.param
+    path = tiny_model_factory(arch)
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(path),
+            kv_cache_memory=1 << 20,
+            block_size=block_size,
+            enforce_eager=mode == "eager",
+        )
+    )
+    assert (engine.runner.fused is not None) == (mode == "fused"), engine.runner.describe()
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return engine, hf
 
