@@ -178,6 +178,27 @@ inline __m512 exp512_nonpos(__m512 x) {
   return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
 }
 
+// r[i] = sum of the 16 lanes of v[i]: a transpose-and-add tree (pairs within 128-bit lanes,
+// then quads, then across lanes) instead of 16 separate horizontal reductions.
+inline __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int j = 0; j < 4; ++j) {
+    const __m512d x = _mm512_castps_pd(a[2 * j]), y = _mm512_castps_pd(a[2 * j + 1]);
+    b[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // Lane L of b[j] holds lane-L partial sums of v[4j .. 4j+3]; add the four lanes together.
+  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // The vectorised tile for head_dim = 16 * DV and block sizes that are multiples of 16. Keys are
 // taken 16 at a time: scores for 16 keys are one register per query vector, so the online
 // softmax runs on whole registers; the query vector's output row lives in DV registers while V
@@ -248,15 +269,23 @@ void attend_tile_avx512(const float* q, const float* k_cache, const float* v_cac
         _mm512_storeu_ps(sc + qv * 16, a0);
       }
     } else {
-      for (int64_t t = 0; t < cnt; ++t) {
-        __m512 kr[DV];
-        for (int dv = 0; dv < DV; ++dv) kr[dv] = _mm512_loadu_ps(kblk + t * token_stride + 16 * dv);
-        for (int64_t qv = 0; qv < nq; ++qv) {
-          const float* qr = qs + qv * D;
-          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr), kr[0]);
-          for (int dv = 1; dv < DV; ++dv) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * dv), kr[dv], a);
-          sc[qv * 16 + t] = _mm512_reduce_add_ps(a);
+      for (int64_t qv = 0; qv < nq; ++qv) {
+        const float* qr = qs + qv * D;
+        __m512 qreg[DV];
+        for (int dv = 0; dv < DV; ++dv) qreg[dv] = _mm512_loadu_ps(qr + 16 * dv);
+        __m512 part[16];
+        for (int t = 0; t < 16; ++t) {
+          if (t >= cnt) {
+            part[t] = _mm512_setzero_ps();
+            continue;
+          }
+          const float* kr = kblk + t * token_stride;
+          __m512 a = _mm512_mul_ps(qreg[0], _mm512_loadu_ps(kr));
+          for (int dv = 1; dv < DV; ++dv)
+            a = _mm512_fmadd_ps(qreg[dv], _mm512_loadu_ps(kr + 16 * dv), a);
+          part[t] = a;
         }
+        _mm512_storeu_ps(sc + qv * 16, hsum16(part));
       }
     }
     // 2. online softmax and 3. P @ V, one query vector at a time
@@ -777,13 +806,16 @@ Tensor forward(const Tensor& input_ids, const Tensor& positions, const Tensor& s
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pdserve CPU kernels: in-place paged attention, fused ops, the fused forward";
-  m.def("paged_attention", &paged_attention, "paged attention over a flat varlen batch");
+  // The long calls release the GIL: a serving process's gRPC threads turn the previous step's
+  // outputs into responses while the forward runs.
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("paged_attention", &paged_attention, "paged attention over a flat varlen batch", release());
   m.def("rms_norm", &rms_norm);
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) * w");
   m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place on q and k");
   m.def("silu_and_mul", &silu_and_mul);
   m.def("has_avx512", []() { return kHaveAvx512; });
   m.def("pack_weight", &pack_weight);
-  m.def("packed_linear", &packed_linear, "x @ w.T + bias with w from pack_weight");
-  m.def("forward", &forward, "the whole decoder forward; logits of the sampled rows");
+  m.def("packed_linear", &packed_linear, "x @ w.T + bias with w from pack_weight", release());
+  m.def("forward", &forward, "the whole decoder forward; logits of the sampled rows", release());
 }
