@@ -23,6 +23,7 @@ BENCH_COMMANDS: list[tuple[str, str, str]] = [
     ("throughput", "pdserve.commands.bench_throughput", "offline throughput vs transformers"),
     ("serve", "pdserve.commands.bench_serve", "load-test an OpenAI-compatible endpoint"),
     ("sweep", "pdserve.bench.sweep", "request-rate sweep: disaggregated vs aggregated"),
+    ("compare", "pdserve.commands.bench_compare", "same workloads vs a baseline server, ratios"),
 ]
 
 

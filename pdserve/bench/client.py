@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ class RequestInput:
     ignore_eos: bool = False
     temperature: float = 0.0
     api_key: str | None = None
+    extra_body: Mapping[str, Any] | None = None  # more body fields, e.g. llama.cpp's cache_prompt
 
 
 @dataclass(slots=True)
@@ -56,6 +58,7 @@ def build_payload(req: RequestInput) -> dict[str, Any]:
         payload["max_tokens"] = req.output_len
     if req.ignore_eos:
         payload["ignore_eos"] = True
+    payload.update(req.extra_body or {})
     return payload
 
 

@@ -40,6 +40,18 @@ def load(paths: Sequence[Path]) -> list[dict]:
     return results
 
 
+def advantage(value: float | None, base: float | None, higher_is_better: bool) -> float | None:
+    """How many times better `value` is than `base`: > 1 means better, whichever way is better.
+
+    value / base for a figure where higher is better (throughput), base / value where lower is
+    better (latency). None when either is missing or the divisor is 0.
+    """
+    if value is None or base is None:
+        return None
+    num, den = (value, base) if higher_is_better else (base, value)
+    return None if den == 0 else num / den
+
+
 def ratio(value: float | None, base: float | None) -> str:
     if value is None or base is None or base == 0:
         return "-"

@@ -64,7 +64,7 @@ class RandomDatasetConfig:
             raise ValueError(f"random_prefix_len must be >= 0, got {self.prefix_len}")
 
 
-def _length_range(length: int, ratio: float) -> tuple[int, int]:
+def length_range(length: int, ratio: float) -> tuple[int, int]:
     low = max(1, int(length * (1.0 - ratio)))
     high = max(low, int(round(length * (1.0 + ratio))))
     return low, high
@@ -104,8 +104,8 @@ def _random_token_text(rng: random.Random, tokenizer: Tokenizer, n: int) -> str:
 def random_requests(cfg: RandomDatasetConfig, tokenizer: Tokenizer | None) -> list[SampleRequest]:
     """Prompts of random content; lengths are tokens with a tokenizer, words without one."""
     rng = random.Random(cfg.seed)
-    in_low, in_high = _length_range(cfg.input_len, cfg.range_ratio)
-    out_low, out_high = _length_range(cfg.output_len, cfg.range_ratio)
+    in_low, in_high = length_range(cfg.input_len, cfg.range_ratio)
+    out_low, out_high = length_range(cfg.output_len, cfg.range_ratio)
 
     def text(n: int) -> str:
         if n == 0:

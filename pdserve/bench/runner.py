@@ -24,6 +24,9 @@ class LoadConfig:
     max_concurrency: int | None = None  # requests in flight at most; None: unbounded
     seed: int = 0
     disable_tqdm: bool = False
+    # False: a new connection per request. Some servers (llama.cpp's) close idle keep-alive
+    # connections, and a request sent on one the server just closed fails.
+    keep_alive: bool = True
 
     def __post_init__(self) -> None:
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -37,8 +40,8 @@ class BenchRun:
     duration: float  # seconds from the start to the last response
 
 
-def _session(max_concurrency: int | None) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=max_concurrency or 0)
+def _session(max_concurrency: int | None, keep_alive: bool = True) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=max_concurrency or 0, force_close=not keep_alive)
     return aiohttp.ClientSession(connector=connector, timeout=SESSION_TIMEOUT)
 
 
@@ -46,7 +49,7 @@ async def _run_load(inputs: list[RequestInput], load: LoadConfig) -> BenchRun:
     offsets = arrival_offsets(len(inputs), load.request_rate, load.burstiness, load.seed)
     slots = asyncio.Semaphore(load.max_concurrency or len(inputs) or 1)
     progress = tqdm(total=len(inputs), disable=load.disable_tqdm, desc="requests")
-    async with _session(load.max_concurrency) as session:
+    async with _session(load.max_concurrency, load.keep_alive) as session:
         start = time.perf_counter()
 
         async def one(req: RequestInput, offset: float) -> RequestOutput:
