@@ -36,10 +36,11 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 
 WORKDIR /app
 COPY pyproject.toml ./
+COPY contract ./contract
 COPY engine ./engine
 COPY kvtransfer ./kvtransfer
-COPY prefill_worker ./prefill_worker
-COPY decode_worker ./decode_worker
+COPY rpc ./rpc
+COPY worker ./worker
 COPY gateway ./gateway
 COPY protos ./protos
 COPY pdserve ./pdserve

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from contract.errors import ErrorKind
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.default_model import resolve_model
@@ -33,6 +34,8 @@ _DEFAULT_MAX_MODEL_LEN = 4096
 
 class QueueFullError(RuntimeError):
     """The bounded waiting queue (or the KV pool, for an import) has no room now; retry later."""
+
+    kind = ErrorKind.OVERLOADED
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from contract.errors import ErrorKind
 from engine.engine import EngineStats
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -40,9 +41,13 @@ _ERROR_BACKOFF_S = 0.01  # after a failed step: do not spin on a persistent faul
 class EngineStepError(RuntimeError):
     """The engine failed while running this request's step; the request was aborted."""
 
+    kind = ErrorKind.INTERNAL
+
 
 class EngineLoopStopped(RuntimeError):
     """The engine loop is not running (not started, or stopped)."""
+
+    kind = ErrorKind.UNAVAILABLE
 
 
 class RequestStream:

@@ -1,21 +1,11 @@
-"""Errors the gateway reports to its clients, one kind per HTTP status / gRPC code."""
+"""Errors the gateway reports to its clients. Their kinds (`contract.errors.ErrorKind`) map to
+HTTP statuses and gRPC codes in one table, `rpc/status.py`."""
 
 from __future__ import annotations
 
-import enum
+from contract.errors import ErrorKind
 
-
-class ErrorKind(enum.Enum):
-    """What went wrong, independent of the transport (HTTP status, gRPC code)."""
-
-    INVALID = "invalid_request_error"  # 400 / INVALID_ARGUMENT
-    UNAUTHORIZED = "authentication_error"  # 401 / UNAUTHENTICATED
-    NOT_FOUND = "not_found_error"  # 404 / NOT_FOUND
-    TOO_LARGE = "request_too_large"  # 413 / INVALID_ARGUMENT
-    OVERLOADED = "rate_limit_error"  # 429 / RESOURCE_EXHAUSTED
-    UNAVAILABLE = "service_unavailable"  # 503 / UNAVAILABLE
-    DEADLINE = "timeout_error"  # 504 / DEADLINE_EXCEEDED
-    INTERNAL = "internal_error"  # 500 / INTERNAL
+__all__ = ["ErrorKind", "GatewayError", "invalid"]
 
 
 class GatewayError(Exception):

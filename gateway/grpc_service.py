@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from gateway.core import GatewayCore
-from gateway.errors import ErrorKind, GatewayError, invalid
+from gateway.errors import GatewayError, invalid
 from gateway.schema import (
     ChatMessage,
     ChatPrompt,
@@ -25,18 +21,11 @@ from gateway.schema import (
 )
 from gateway.version import VERSION
 from protos.pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from rpc.auth import BearerTokenInterceptor
+from rpc.server import RunningServer, ServerOptions, start_server
+from rpc.status import grpc_code
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-STATUS_CODES = {
-    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
-}
 _FINISH = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -71,7 +60,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             run = self._core.open(generate_request_from_proto(request, context.time_remaining()))
         except GatewayError as exc:
-            await context.abort(STATUS_CODES[exc.kind], exc.message)
+            await context.abort(grpc_code(exc.kind), exc.message)
         first = True
         try:
             async for delta in run.stream():
@@ -81,7 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     first = False
                 yield message
         except GatewayError as exc:
-            await context.abort(STATUS_CODES[exc.kind], exc.message)
+            await context.abort(grpc_code(exc.kind), exc.message)
         u = run.usage
         yield gateway_pb2.GenerateResponse(
             request_id=run.request_id,
@@ -160,72 +149,20 @@ def delta_message(request_id: str, delta: ChoiceDelta) -> Any:
     return message
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """With --api-key, every Gateway call needs `authorization: Bearer <key>` metadata, compared
-    in constant time (the same key as /v1/*); health and reflection stay open, like /health."""
-
-    def __init__(self, api_key: str) -> None:
-        self._expected = f"Bearer {api_key}".encode()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        given = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(given, self._expected):
-            return handler
-        return _refusing(handler)
-
-
-def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing API key")
-
-    make = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.response_streaming
-        else grpc.unary_unary_rpc_method_handler
-    )
-    return make(
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-async def start_grpc_server(
-    core: GatewayCore, host: str, port: int
-) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
-    """Gateway + grpc.health.v1 + reflection on host:port (0: a free port)."""
+async def start_grpc_server(core: GatewayCore, host: str, port: int) -> RunningServer:
+    """Gateway + grpc.health.v1 + reflection on host:port (0: a free port). With --api-key,
+    every Gateway call needs `authorization: Bearer <key>` metadata (the same key as /v1/*);
+    health and reflection stay open, like /health."""
     api_key = core.config.api_key
-    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else None)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    names = (
-        SERVICE_NAME,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
+    interceptors = (
+        [BearerTokenInterceptor(api_key, [SERVICE_NAME], "invalid or missing API key")]
+        if api_key
+        else None
     )
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind the gRPC port {host}:{port}")
-    await server.start()
-    await set_health(health, serving=True)
-    return server, bound, health
 
+    def register(server: grpc.aio.Server) -> list[str]:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
+        return [SERVICE_NAME]
 
-async def set_health(health: health_aio.HealthServicer, serving: bool) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else (health_pb2.HealthCheckResponse.NOT_SERVING)
-    )
-    for name in ("", SERVICE_NAME):
-        await health.set(name, status)
+    options = ServerOptions(host=host, port=port, max_message_bytes=None, reuse_port=True)
+    return await start_server(options, register, interceptors=interceptors)

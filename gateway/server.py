@@ -8,18 +8,17 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterator
-from typing import Any
 
-import grpc
 import uvicorn
 
 from gateway.config import GatewayConfig
 from gateway.core import GatewayCore
-from gateway.grpc_service import set_health, start_grpc_server
+from gateway.grpc_service import start_grpc_server
 from gateway.metrics import GatewayMetrics
 from gateway.openai.app import build_app
 from gateway.tokenizer import GatewayTokenizer
 from gateway.worker_pool import DECODE, WorkerPool
+from rpc.server import RunningServer
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,7 @@ class GatewayServer:
         self._uvicorn: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
-        self._grpc: grpc.aio.Server | None = None
-        self._health: Any = None  # grpc.health.v1 servicer, NOT_SERVING without a decode worker
+        self._grpc: RunningServer | None = None  # health NOT_SERVING without a decode worker
         self.http_port: int | None = None
         self.grpc_port: int | None = None
 
@@ -63,9 +61,8 @@ class GatewayServer:
     async def _start(self) -> None:
         await self.pool.poll_once()
         if self.config.grpc_port is not None:
-            self._grpc, self.grpc_port, self._health = await start_grpc_server(
-                self.core, self.config.host, self.config.grpc_port
-            )
+            self._grpc = await start_grpc_server(self.core, self.config.host, self.config.grpc_port)
+            self.grpc_port = self._grpc.port
         self._poller = asyncio.create_task(self._poll_forever())
         await self._start_http()
         log.info(
@@ -79,8 +76,8 @@ class GatewayServer:
     async def _poll_forever(self) -> None:
         """Ask workers for their load; mirror 'a decode worker is healthy' in grpc.health.v1."""
         while True:
-            if self._health is not None:
-                await set_health(self._health, serving=bool(self.pool.healthy(DECODE)))
+            if self._grpc is not None:
+                await self._grpc.set_serving(bool(self.pool.healthy(DECODE)))
             await asyncio.sleep(self.config.load_interval_s)
             await self.pool.poll_once()
 
@@ -120,7 +117,7 @@ class GatewayServer:
             self._uvicorn.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)  # failed or not
         if self._grpc is not None:
-            await self._grpc.stop(grace=2)
+            await self._grpc.server.stop(grace=2)
         if self._poller is not None:
             self._poller.cancel()
         await self.core.drain_background()

@@ -14,20 +14,14 @@ import grpc
 
 from gateway.schema import FinishReason, GenerationParams, TokenLogprob
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from rpc.channel import open_channel
 
 _FINISH: dict[int, FinishReason] = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
 }
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 2**20),
-    ("grpc.max_send_message_length", 64 * 2**20),
-    # Reconnect to a restarted worker within a second; gRPC's default backoff grows to 120 s,
-    # so a worker that was down for a while would stay unhealthy here long after it is back.
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
+MAX_MESSAGE_BYTES = 64 * 2**20
 
 
 class WorkerRpcError(Exception):
@@ -109,7 +103,9 @@ class WorkerClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(
+            address, max_receive_bytes=MAX_MESSAGE_BYTES, max_send_bytes=MAX_MESSAGE_BYTES
+        )
         self._prefill = worker_pb2_grpc.PrefillServiceStub(self._channel)
         self._decode = worker_pb2_grpc.DecodeServiceStub(self._channel)
 

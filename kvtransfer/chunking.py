@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from contract.errors import ErrorKind
 from kvtransfer.checksum import crc32
 from kvtransfer.layout import KINDS
 
@@ -74,9 +75,11 @@ class ChunkParts:
 class TransferError(Exception):
     """A transfer that cannot be trusted: bad order, addresses, lengths or checksum."""
 
+    kind = ErrorKind.INTERNAL
+
 
 class ChecksumError(TransferError):
-    pass
+    kind = ErrorKind.DATA_LOSS
 
 
 def clamp_chunk_bytes(requested: int) -> int:

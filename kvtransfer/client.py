@@ -21,6 +21,7 @@ from kvtransfer.layout import KVLayout, check_compatible
 from kvtransfer.pages import PagedKV
 from kvtransfer.shm import ShmReader, ShmSegmentInfo
 from protos.pdserve.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
+from rpc.channel import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,8 @@ class KVTransferClient:
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        options = [
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            # A prefill worker restarted on the same address is reachable again within a
-            # second (gRPC's default reconnect backoff grows towards 120 s).
-            ("grpc.initial_reconnect_backoff_ms", 250),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        self._channel = (
-            grpc.aio.secure_channel(endpoint, credentials, options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(endpoint, options)
+        self._channel = open_channel(
+            endpoint, credentials=credentials, max_receive_bytes=_MAX_MESSAGE
         )
         self._stub = kvtransfer_pb2_grpc.KVTransferServiceStub(self._channel)
         # ReadBlocks with the raw response bytes: wire.chunk_from_bytes reads the data in place.

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from contract.errors import ErrorKind
+
 LAYOUT_VERSION = 1  # bump when the meaning of a page's bytes changes
 
 DTYPE_BYTES = {
@@ -96,6 +98,8 @@ def dtype_name(dtype: object) -> str:
 
 class IncompatibleLayoutError(ValueError):
     """Two workers' KV layouts differ: their pages cannot be exchanged."""
+
+    kind = ErrorKind.PRECONDITION
 
 
 def check_compatible(local: KVLayout, remote: KVLayout, remote_hash: str) -> None:

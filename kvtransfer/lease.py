@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from contract.errors import ErrorKind
+
 log = logging.getLogger(__name__)
 
 _REMEMBER_GONE = 4096  # recently finished ids, to tell "expired" from "never existed"
@@ -32,7 +34,9 @@ class FreeReason(enum.Enum):
 
 
 class LeaseError(Exception):
-    pass
+    """Unknown or expired lease, or a stale epoch: the caller must prefill again."""
+
+    kind = ErrorKind.PRECONDITION
 
 
 class UnknownLeaseError(LeaseError):

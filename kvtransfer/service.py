@@ -10,8 +10,8 @@ import grpc
 from kvtransfer import wire
 from kvtransfer.chunking import MAX_CHUNK_BYTES
 from kvtransfer.exporter import KVExporter, ReadPlan
-from kvtransfer.grpc_errors import abort_with
 from protos.pdserve.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
+from rpc.status import abort_with
 
 log = logging.getLogger(__name__)
 

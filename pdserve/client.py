@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from protos.pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from rpc.auth import bearer_metadata
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 _FINISH = {
@@ -170,7 +171,7 @@ class GatewayClient:
         self._channel = grpc.insecure_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout  # default deadline of every call, seconds
-        self._metadata = _auth_metadata(api_key)
+        self._metadata = bearer_metadata(api_key)
 
     def stream(
         self,
@@ -260,7 +261,7 @@ class AsyncGatewayClient:
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
-        self._metadata = _auth_metadata(api_key)
+        self._metadata = bearer_metadata(api_key)
 
     def stream(
         self,
@@ -316,10 +317,6 @@ class AsyncGatewayClient:
 
 
 # -- conversions ----------------------------------------------------------------------------------
-
-
-def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
 def build_request(

@@ -26,8 +26,7 @@ async def build():
     await server.stop()
 
 asyncio.run(build())
-forbidden = ("torch", "engine", "transformers", "triton", "kvtransfer", "prefill_worker",
-             "decode_worker")
+forbidden = ("torch", "engine", "transformers", "triton", "kvtransfer", "worker")
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in forbidden)))
 """
 

@@ -1,6 +1,11 @@
-"""The import direction of DESIGN.md, checked by reading every module's imports (ast, nothing is
-imported): engine <- kvtransfer <- workers <- pdserve; the gateway uses only the generated protos
-(and tokenizer libraries), never torch or the engine."""
+"""The import direction of docs/internals.md, checked by reading every module's imports (ast,
+nothing is imported):
+
+    contract <- engine <- kvtransfer <- worker <- pdserve
+    contract <- rpc <- (kvtransfer, worker, gateway)
+
+`contract` is the standard library only; `rpc` is gRPC without torch or the engine; the gateway
+uses `rpc`, the generated protos and tokenizer libraries, never torch, the engine or a worker."""
 
 from __future__ import annotations
 
@@ -11,28 +16,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-WORKERS = {"prefill_worker", "decode_worker"}
 HTTP = {"fastapi", "starlette", "uvicorn", "aiohttp", "httpx", "flask"}
+GRPC = {"grpc", "grpc_health", "grpc_reflection", "protos", "rpc"}
+TORCH = {"torch", "triton", "numpy", "transformers", "tokenizers", "safetensors"}
 FORBIDDEN: dict[str, set[str]] = {
-    "engine": {
-        "grpc",
-        "grpc_health",
-        "grpc_reflection",
-        "protos",
-        "kvtransfer",
-        "gateway",
-        "pdserve",
-    }
-    | WORKERS
+    "contract": {"engine", "kvtransfer", "worker", "gateway", "pdserve", "google"}
+    | GRPC
+    | TORCH
     | HTTP,
-    "kvtransfer": {"gateway", "pdserve", "transformers", "tokenizers"} | WORKERS | HTTP,
-    "prefill_worker": {"gateway", "pdserve", "decode_worker"} | HTTP,
-    "decode_worker": {"gateway", "pdserve"} | HTTP,
-    "gateway": {"torch", "triton", "engine", "kvtransfer"} | WORKERS,
-    "protos": {"engine", "kvtransfer", "gateway", "pdserve", "torch"} | WORKERS,
+    "engine": {"kvtransfer", "worker", "gateway", "pdserve"} | GRPC | HTTP,
+    "kvtransfer": {"worker", "gateway", "pdserve", "transformers", "tokenizers"} | HTTP,
+    "worker": {"gateway", "pdserve"} | HTTP,
+    "rpc": {"engine", "kvtransfer", "worker", "gateway", "pdserve"} | TORCH | HTTP,
+    "gateway": {"torch", "triton", "engine", "kvtransfer", "worker"},
+    "protos": {"engine", "kvtransfer", "worker", "gateway", "pdserve", "rpc", "torch"},
 }
 # Nothing that turns bytes into code or objects may sit on a wire path.
-WIRE_PACKAGES = ["kvtransfer", "prefill_worker", "decode_worker", "gateway", "protos"]
+WIRE_PACKAGES = ["contract", "kvtransfer", "rpc", "worker", "gateway", "protos"]
 UNSAFE_MODULES = {"pickle", "cPickle", "dill", "marshal", "shelve", "cloudpickle"}
 UNSAFE_CALLS = {"eval", "exec"}
 

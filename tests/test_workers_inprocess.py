@@ -13,15 +13,13 @@ import time
 import grpc
 import pytest
 
-from decode_worker.config import DecodeWorkerConfig
-from decode_worker.server import start_decode_server
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from prefill_worker.config import PrefillWorkerConfig
-from prefill_worker.grpc_server import ServerOptions
-from prefill_worker.server import start_prefill_server
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from rpc.server import ServerOptions
+from worker.config import DecodeWorkerConfig, PrefillWorkerConfig
+from worker.server import start_decode_server, start_prefill_server
 
 PROMPTS = [list(range(3, 40)), [7, 8, 9, 10, 11] * 7, list(range(100, 148))]  # 37, 35, 48 tokens
 MAX_TOKENS = 12

@@ -11,14 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from decode_worker.config import DecodeWorkerConfig
-from decode_worker.server import start_decode_server
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from prefill_worker.config import PrefillWorkerConfig
-from prefill_worker.grpc_server import ServerOptions
-from prefill_worker.server import start_prefill_server
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from rpc.server import ServerOptions
+from worker.config import DecodeWorkerConfig, PrefillWorkerConfig
+from worker.server import start_decode_server, start_prefill_server
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="needs the openssl command to make test certificates"

@@ -10,18 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import ErrorKind, GatewayError
-
-HTTP_STATUS = {
-    ErrorKind.INVALID: 400,
-    ErrorKind.UNAUTHORIZED: 401,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.TOO_LARGE: 413,
-    ErrorKind.OVERLOADED: 429,
-    ErrorKind.INTERNAL: 500,
-    ErrorKind.UNAVAILABLE: 503,
-    ErrorKind.DEADLINE: 504,
-}
-_KIND_OF_STATUS = {status: kind for kind, status in HTTP_STATUS.items()}
+from rpc.status import KIND_OF_HTTP, http_status
 
 
 def error_body(exc: GatewayError) -> dict[str, Any]:
@@ -30,14 +19,14 @@ def error_body(exc: GatewayError) -> dict[str, Any]:
             "message": exc.message,
             "type": exc.kind.value,
             "param": exc.param,
-            "code": HTTP_STATUS[exc.kind],
+            "code": http_status(exc.kind),
         }
     }
 
 
 def error_response(exc: GatewayError, retry_after_s: int = 1) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if exc.kind is ErrorKind.OVERLOADED else None
-    return JSONResponse(error_body(exc), status_code=HTTP_STATUS[exc.kind], headers=headers)
+    return JSONResponse(error_body(exc), status_code=http_status(exc.kind), headers=headers)
 
 
 def validation_error(exc: RequestValidationError) -> GatewayError:
@@ -65,7 +54,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        kind = _KIND_OF_STATUS.get(exc.status_code, ErrorKind.INVALID)
+        kind = KIND_OF_HTTP.get(exc.status_code, ErrorKind.INVALID)
         body = error_body(GatewayError(kind, str(exc.detail)))
         body["error"]["code"] = exc.status_code
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -23,7 +23,7 @@ from protos.pdserve.v1 import gateway_pb2, gateway_pb2_grpc, kvtransfer_pb2, kvt
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
-NETWORK_PATHS = ("gateway", "kvtransfer", "prefill_worker", "decode_worker", "protos",
+NETWORK_PATHS = ("gateway", "kvtransfer", "worker", "rpc", "contract", "protos",
                  "pdserve/client.py")  # fmt: skip
 UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                   "joblib"}  # fmt: skip

@@ -11,21 +11,22 @@ import asyncio
 import logging
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 
 from engine.engine import EngineStats, LLMEngine
 from engine.engine_loop import EngineLoop, RequestStream
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from kvtransfer.exporter import KVExporter, WorkerIdentity
+from kvtransfer.exporter import KVExporter
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout
 from kvtransfer.lease import FreeReason, Lease, LeaseConfig, LeaseTable
 from kvtransfer.pages import PagedKV
-from kvtransfer.shm import ShmExporter, host_id, shm_available
-from prefill_worker.config import PrefillWorkerConfig
-from prefill_worker.grpc_server import WorkerDrainingError
+from kvtransfer.shm import ShmExporter, shm_available
+from worker.config import PrefillWorkerConfig
+from worker.errors import WorkerDrainingError
+from worker.identity import new_identity
+from worker.snapshot import WorkerSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,6 @@ class PrefillOutcome:
     num_cached_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class DebugSnapshot:
-    stats: EngineStats
-    held_transfer_ids: list[str]
-    num_shm_segments: int
-    num_active: int
-
-
 class PrefillWorker:
     role = "prefill"
 
@@ -73,11 +66,7 @@ class PrefillWorker:
             )
         self.config = config
         self.engine_loop = EngineLoop(engine, name="prefill-engine")
-        self.identity = WorkerIdentity(
-            engine_id=config.engine_id or f"prefill-{uuid.uuid4().hex[:8]}",
-            epoch=time.time_ns(),
-            host_id=host_id(),
-        )
+        self.identity = new_identity(self.role, config.engine_id)
         layout = KVLayout.from_spec(engine.kv_spec, engine.model_fingerprint)
         self.paged = PagedKV(engine.kv_cache, layout)
         self.leases = LeaseTable(
@@ -114,7 +103,7 @@ class PrefillWorker:
             await asyncio.sleep(0.05)
         log.info("prefill worker drained active=%d leases=%d", self._active, len(self.leases))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.leases.close()  # frees every remaining lease (while the engine loop still runs)
         self.engine_loop.stop()
         if self.exporter.shm is not None:
@@ -146,16 +135,17 @@ class PrefillWorker:
         log.info("release transfer_id=%s released=%s", transfer_id, released)
         return released
 
-    def load_snapshot(self) -> DebugSnapshot:
+    def load_snapshot(self) -> WorkerSnapshot:
         """Like debug_snapshot, from the engine's latest published stats: never waits on a step."""
-        shm = len(self.exporter.shm) if self.exporter.shm is not None else 0
-        stats = self.engine_loop.latest_stats
-        return DebugSnapshot(stats, self.leases.transfer_ids(), shm, self._active)
+        return self._snapshot(self.engine_loop.latest_stats)
 
-    async def debug_snapshot(self) -> DebugSnapshot:
-        stats = await asyncio.wrap_future(self.engine_loop.stats())
+    async def debug_snapshot(self) -> WorkerSnapshot:
+        return self._snapshot(await asyncio.wrap_future(self.engine_loop.stats()))
+
+    def _snapshot(self, stats: EngineStats) -> WorkerSnapshot:
+        held = tuple(self.leases.transfer_ids())
         shm = len(self.exporter.shm) if self.exporter.shm is not None else 0
-        return DebugSnapshot(stats, self.leases.transfer_ids(), shm, self._active)
+        return WorkerSnapshot(stats, self._active, len(held), held, shm)
 
     # -- internals -----------------------------------------------------------------------------
 

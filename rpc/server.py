@@ -1,48 +1,24 @@
-"""Serving plumbing shared by the prefill and decode workers: an asyncio gRPC server with
-grpc.health.v1 health, server reflection, optional TLS/mTLS, flags, status codes, and a
-graceful drain on SIGTERM."""
+"""An asyncio gRPC server with grpc.health.v1 health, server reflection and optional TLS/mTLS,
+and the flags and signal handling every served process shares."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-
-from engine.engine import QueueFullError
-from engine.engine_loop import EngineLoopStopped, EngineStepError
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 << 20  # KV chunks are <= 1 MiB; prompts of 1M tokens fit
-
-
-class WorkerDrainingError(RuntimeError):
-    """The worker is shutting down and takes no new requests."""
-
-
-# Engine/worker exceptions -> gRPC codes (the first match wins).
-_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (WorkerDrainingError, grpc.StatusCode.UNAVAILABLE),
-    (EngineLoopStopped, grpc.StatusCode.UNAVAILABLE),
-    (EngineStepError, grpc.StatusCode.INTERNAL),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-
-
-def worker_status(exc: BaseException) -> grpc.StatusCode:
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +27,9 @@ class ServerOptions:
     port: int = 0  # 0: any free port
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    tls_client_ca: Path | None = (
-        None  # client CA: with it, clients must present a certificate (mTLS)
-    )
+    tls_client_ca: Path | None = None  # with it, clients must present a certificate it signed
+    max_message_bytes: int | None = MAX_MESSAGE_BYTES  # None: gRPC's defaults
+    reuse_port: bool = False  # SO_REUSEPORT: a second server could bind the same port
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -67,15 +43,25 @@ class ServerOptions:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
+    def grpc_options(self) -> list[tuple[str, int]]:
+        options = [("grpc.so_reuseport", int(self.reuse_port))]
+        if self.max_message_bytes is not None:
+            options[:0] = [
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+            ]
+        return options
+
 
 @dataclass(slots=True)
 class RunningServer:
     server: grpc.aio.Server
-    health: HealthServicer
+    health: health_aio.HealthServicer
     port: int
     service_names: tuple[str, ...]
 
     async def set_serving(self, serving: bool) -> None:
+        """grpc.health.v1 status of the server ("") and of every registered service."""
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -92,26 +78,15 @@ class RunningServer:
 async def start_server(
     options: ServerOptions,
     register: Callable[[grpc.aio.Server], list[str]],
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
 ) -> RunningServer:
     """Create, register services (`register` returns their full names), bind, start."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
+    server = grpc.aio.server(interceptors=interceptors, options=options.grpc_options())
     names = tuple(register(server))
-    health = HealthServicer()
+    health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            *names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    reflection.enable_server_reflection((*names, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     address = f"{options.host}:{options.port}"
     port = (
         server.add_secure_port(address, _server_credentials(options))
@@ -126,11 +101,6 @@ async def start_server(
     return running
 
 
-def channel_credentials(ca: Path | None) -> grpc.ChannelCredentials | None:
-    """Credentials for calling a TLS peer whose certificate `ca` signed (None: plaintext)."""
-    return grpc.ssl_channel_credentials(root_certificates=ca.read_bytes()) if ca else None
-
-
 def _server_credentials(options: ServerOptions) -> grpc.ServerCredentials:
     assert options.tls_cert is not None and options.tls_key is not None
     pair = [(options.tls_key.read_bytes(), options.tls_cert.read_bytes())]
@@ -141,8 +111,8 @@ def _server_credentials(options: ServerOptions) -> grpc.ServerCredentials:
     )
 
 
-def add_server_args(parser, *, default_port: int) -> None:
-    """Flags every worker shares: address, TLS, logging, drain."""
+def add_server_args(parser, *, default_port: int):
+    """Address and TLS flags (the group, for callers that add their own flags to it)."""
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=default_port, help="0: any free port")
@@ -157,11 +127,7 @@ def add_server_args(parser, *, default_port: int) -> None:
     g.add_argument(
         "--tls-ca", type=Path, default=None, help="CA (PEM) to trust when calling TLS peers"
     )
-    g.add_argument("--engine-id", default=None, help="name in logs and load reports")
-    g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain on shutdown")
-    g.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-    )
+    return g
 
 
 def server_options_from_args(args) -> ServerOptions:

@@ -1,12 +1,13 @@
-"""protobuf <-> engine objects for the worker services (shared by both workers)."""
+"""protobuf <-> engine objects for the worker services (both roles)."""
 
 from __future__ import annotations
 
-from engine.engine import EngineStats
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
+from kvtransfer.exporter import WorkerIdentity
 from kvtransfer.wire import token_logprobs_to_pb
 from protos.pdserve.v1 import common_pb2, worker_pb2
+from worker.snapshot import WorkerSnapshot
 
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -72,26 +73,37 @@ def chunk_from_output(out: RequestOutput, num_completion_tokens: int) -> worker_
 
 
 def load_report(
-    stats: EngineStats,
-    *,
-    engine_id: str,
-    epoch: int,
-    role: str,
-    num_held: int,
-    num_pending: int,
-    serving: bool,
+    snap: WorkerSnapshot, identity: WorkerIdentity, role: str, serving: bool
 ) -> common_pb2.LoadReport:
+    stats = snap.stats
     return common_pb2.LoadReport(
-        engine_id=engine_id,
-        epoch=epoch,
+        engine_id=identity.engine_id,
+        epoch=identity.epoch,
         role=role,
         num_running=stats.num_running,
         num_waiting=stats.num_waiting,
-        queue_depth=stats.num_running + stats.num_waiting + num_pending,
+        queue_depth=stats.num_running + stats.num_waiting + snap.num_active,
         kv_cache_usage=stats.kv_cache_usage,
         num_free_blocks=stats.num_free_blocks,
         num_blocks=stats.num_blocks,
-        num_held=num_held,
+        num_held=snap.num_held,
         num_preemptions=stats.num_preemptions,
         serving=serving,
+        kv_transfer_bytes_total=snap.kv_transfer_bytes_total,
+        kv_transfer_seconds_total=snap.kv_transfer_seconds_total,
+    )
+
+
+def debug_state(snap: WorkerSnapshot) -> common_pb2.DebugState:
+    stats = snap.stats
+    return common_pb2.DebugState(
+        num_free_blocks=stats.num_free_blocks,
+        num_blocks=stats.num_blocks,
+        num_held_leases=len(snap.held_transfer_ids),
+        held_transfer_ids=snap.held_transfer_ids,
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        num_pending_imports=stats.num_reserved,
+        num_shm_segments=snap.num_shm_segments,
+        num_active_streams=snap.num_active,
     )

@@ -6,12 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from decode_worker.config import DecodeWorkerConfig
-from decode_worker.importer import ImportCall, KVImporter
 from engine.engine import EngineStats, LLMEngine
 from engine.engine_loop import EngineLoop, RequestStream
 from engine.outputs import RequestOutput
@@ -19,8 +16,12 @@ from engine.sampling_params import SamplingParams
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout
 from kvtransfer.pages import PagedKV
-from kvtransfer.shm import host_id
-from prefill_worker.grpc_server import WorkerDrainingError, channel_credentials
+from rpc.channel import channel_credentials
+from worker.config import DecodeWorkerConfig
+from worker.errors import WorkerDrainingError
+from worker.identity import new_identity
+from worker.importer import ImportCall, KVImporter
+from worker.snapshot import WorkerSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +48,19 @@ class _Active:
     task: asyncio.Task | None = None  # the import in progress, if any
 
 
-@dataclass(frozen=True, slots=True)
-class DebugSnapshot:
-    stats: EngineStats
-    num_active: int
-    extra: dict[str, int] = field(default_factory=dict)
-
-
 class DecodeWorker:
     role = "decode"
 
     def __init__(self, engine: LLMEngine, config: DecodeWorkerConfig) -> None:
         self.config = config
         self.engine_loop = EngineLoop(engine, name="decode-engine")
-        self.engine_id = config.engine_id or f"decode-{uuid.uuid4().hex[:8]}"
-        self.epoch = time.time_ns()
+        self.identity = new_identity(self.role, config.engine_id)
         layout = KVLayout.from_spec(engine.kv_spec, engine.model_fingerprint)
         self.paged = PagedKV(engine.kv_cache, layout)
         self.importer = KVImporter(
             self.engine_loop,
             self.paged,
-            local_host_id=host_id(),
+            local_host_id=self.identity.host_id,
             transport=config.kv_transport,
             credentials=channel_credentials(config.peer_tls_ca),
             max_chunk_bytes=config.max_chunk_bytes,
@@ -82,7 +75,7 @@ class DecodeWorker:
         self.serving = True
         log.info(
             "decode worker ready engine_id=%s transport=%s",
-            self.engine_id,
+            self.identity.engine_id,
             self.config.kv_transport,
         )
 
@@ -137,13 +130,21 @@ class DecodeWorker:
         log.info("abort request_id=%s", request_id)
         return True
 
-    def load_snapshot(self) -> DebugSnapshot:
+    def load_snapshot(self) -> WorkerSnapshot:
         """Like debug_snapshot, from the engine's latest published stats: never waits on a step."""
-        return DebugSnapshot(self.engine_loop.latest_stats, len(self._active))
+        return self._snapshot(self.engine_loop.latest_stats)
 
-    async def debug_snapshot(self) -> DebugSnapshot:
-        stats = await asyncio.wrap_future(self.engine_loop.stats())
-        return DebugSnapshot(stats, len(self._active))
+    async def debug_snapshot(self) -> WorkerSnapshot:
+        return self._snapshot(await asyncio.wrap_future(self.engine_loop.stats()))
+
+    def _snapshot(self, stats: EngineStats) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            stats,
+            len(self._active),
+            stats.num_reserved,
+            kv_transfer_bytes_total=self.importer.bytes_pulled,
+            kv_transfer_seconds_total=self.importer.seconds_pulling,
+        )
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""DecodeService on gRPC: protobuf -> DecodeWorker -> stream of protobuf chunks."""
+"""The worker services on gRPC: protobuf -> worker -> protobuf, one servicer per role."""
 
 from __future__ import annotations
 
@@ -9,14 +9,54 @@ import time
 
 import grpc
 
-from decode_worker.worker import DecodeCall, DecodeWorker
 from kvtransfer import wire as kv_wire
-from kvtransfer.grpc_errors import status_for
-from prefill_worker import wire
-from prefill_worker.grpc_server import worker_status
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from rpc.status import details_of, status_for
+from worker import wire
+from worker.decode import DecodeCall, DecodeWorker
+from worker.prefill import PrefillCall, PrefillWorker
 
 log = logging.getLogger(__name__)
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, worker: PrefillWorker) -> None:
+        self._worker = worker
+
+    async def Prefill(self, request, context):
+        try:
+            call = PrefillCall(
+                transfer_id=request.transfer_id,
+                prompt_token_ids=wire.prompt_from_pb(request.prompt_token_ids),
+                params=wire.sampling_params_from_pb(request.sampling),
+                request_id=request.request_id or request.transfer_id,
+                lease_ms=request.lease_ms if request.HasField("lease_ms") else None,
+            )
+            outcome = await self._worker.prefill(call)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("prefill failed transfer_id=%s", request.transfer_id)
+            await context.abort(code, details_of(exc))
+        return worker_pb2.PrefillResponse(
+            handle=kv_wire.handle_to_pb(outcome.handle),
+            usage=common_pb2.Usage(
+                prompt_tokens=outcome.num_prompt_tokens,
+                completion_tokens=1,
+                cached_prompt_tokens=outcome.num_cached_tokens,
+            ),
+        )
+
+    async def Release(self, request, context):
+        return worker_pb2.ReleaseResponse(released=self._worker.release(request.transfer_id))
+
+    async def GetLoad(self, request, context):
+        return _load_report(self._worker)
+
+    async def GetDebugState(self, request, context):
+        return wire.debug_state(await self._worker.debug_snapshot())
 
 
 def decode_status(exc: BaseException) -> grpc.StatusCode:
@@ -26,8 +66,7 @@ def decode_status(exc: BaseException) -> grpc.StatusCode:
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             return grpc.StatusCode.FAILED_PRECONDITION
         return exc.code()
-    code = status_for(exc)
-    return worker_status(exc) if code in (grpc.StatusCode.INTERNAL,) else code
+    return status_for(exc)
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
@@ -51,30 +90,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         return worker_pb2.AbortResponse(aborted=await self._worker.abort(request.request_id))
 
     async def GetLoad(self, request, context):
-        snap = self._worker.load_snapshot()
-        report = wire.load_report(
-            snap.stats,
-            engine_id=self._worker.engine_id,
-            epoch=self._worker.epoch,
-            role=self._worker.role,
-            num_held=snap.stats.num_reserved,
-            num_pending=snap.num_active,
-            serving=self._worker.serving,
-        )
-        report.kv_transfer_bytes_total = self._worker.importer.bytes_pulled
-        report.kv_transfer_seconds_total = self._worker.importer.seconds_pulling
-        return report
+        return _load_report(self._worker)
 
     async def GetDebugState(self, request, context):
-        snap = await self._worker.debug_snapshot()
-        return common_pb2.DebugState(
-            num_free_blocks=snap.stats.num_free_blocks,
-            num_blocks=snap.stats.num_blocks,
-            num_running=snap.stats.num_running,
-            num_waiting=snap.stats.num_waiting,
-            num_pending_imports=snap.stats.num_reserved,
-            num_active_streams=snap.num_active,
-        )
+        return wire.debug_state(await self._worker.debug_snapshot())
 
     def _call_from_pb(self, request, context) -> DecodeCall:
         remaining = context.time_remaining()
@@ -96,3 +115,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         else:
             log.warning("decode failed request_id=%s code=%s: %s", request_id, code.name, detail)
         await context.abort(code, f"{type(exc).__name__}: {detail}")
+
+
+def _load_report(worker: PrefillWorker | DecodeWorker) -> common_pb2.LoadReport:
+    return wire.load_report(worker.load_snapshot(), worker.identity, worker.role, worker.serving)

@@ -1,0 +1,105 @@
+"""Flags and the main loop of `pdserve prefill` and `pdserve decode` (one worker, one role)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from rpc.server import add_server_args
+
+DEFAULT_PORTS = {"prefill": 50061, "decode": 50071}
+
+
+def add_worker_args(parser: argparse.ArgumentParser, role: str) -> None:
+    from engine.cli_args import add_engine_args
+
+    g = add_server_args(parser, default_port=DEFAULT_PORTS[role])
+    g.add_argument("--engine-id", default=None, help="name in logs and load reports")
+    g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain on shutdown")
+    g.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    )
+    add_engine_args(parser)
+    g = parser.add_argument_group("kv transfer")
+    if role == "prefill":
+        _add_prefill_kv_args(g)
+    else:
+        _add_decode_kv_args(g)
+
+
+def _add_prefill_kv_args(g) -> None:
+    g.add_argument("--kv-lease-ms", type=int, default=30_000, help="default lease on a prompt's KV")
+    g.add_argument("--kv-max-lease-ms", type=int, default=300_000)
+    g.add_argument(
+        "--kv-transport",
+        default="auto",
+        choices=("auto", "grpc", "shm"),
+        help="grpc: never offer shared memory to decode workers",
+    )
+    g.add_argument(
+        "--advertise-address", default=None, help="host:port decode workers use to reach us"
+    )
+    g.add_argument(
+        "--debug-transfer-delay-ms", type=int, default=0, help="debug: delay every KV chunk"
+    )
+    g.add_argument(
+        "--debug-fill-freed-kv",
+        action="store_true",
+        help="debug: overwrite freed blocks with NaNs (needs --no-enable-prefix-caching)",
+    )
+
+
+def _add_decode_kv_args(g) -> None:
+    g.add_argument(
+        "--kv-transport",
+        default="auto",
+        choices=("auto", "grpc", "shm"),
+        help="auto: shared memory with a prefill worker on this host, else gRPC",
+    )
+    g.add_argument(
+        "--kv-max-chunk-bytes", type=int, default=0, help="0: server default (1 MiB, the cap)"
+    )
+
+
+def config_from_args(role: str, args: argparse.Namespace):
+    from worker.config import DecodeWorkerConfig, PrefillWorkerConfig
+
+    if role == "prefill":
+        return PrefillWorkerConfig(
+            lease_ms=args.kv_lease_ms,
+            max_lease_ms=max(args.kv_max_lease_ms, args.kv_lease_ms),
+            enable_shm=args.kv_transport != "grpc",
+            transfer_delay_ms=args.debug_transfer_delay_ms,
+            fill_freed_kv=args.debug_fill_freed_kv,
+            advertise_address=args.advertise_address,
+            engine_id=args.engine_id,
+            drain_timeout_s=args.drain_timeout,
+        )
+    return DecodeWorkerConfig(
+        kv_transport=args.kv_transport,
+        peer_tls_ca=args.tls_ca,
+        max_chunk_bytes=args.kv_max_chunk_bytes,
+        engine_id=args.engine_id,
+        drain_timeout_s=args.drain_timeout,
+    )
+
+
+def run(role: str, args: argparse.Namespace, engine_config) -> int:
+    """Serve until SIGINT/SIGTERM, then drain. `engine_config`: the engine's, model resolved."""
+    from engine.engine import LLMEngine
+    from rpc.server import configure_logging, serve_until_signal, server_options_from_args
+    from worker.server import start_worker_server
+
+    configure_logging(args.log_level)
+    config = config_from_args(role, args)
+    options = server_options_from_args(args)
+    engine = LLMEngine(engine_config)
+
+    async def main() -> None:
+        server = await start_worker_server(engine, config, options)
+        port = server.running.port
+        where = f"{options.host}:{port}" if role == "prefill" else server.address
+        await serve_until_signal(server, f"pdserve {role} listening on {where}")
+
+    asyncio.run(main())
+    return 0
