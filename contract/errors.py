@@ -18,9 +18,10 @@ class ErrorKind(enum.Enum):
     OVERLOADED = "rate_limit_error"  # no room now: retry later (or elsewhere)
     UNAVAILABLE = "service_unavailable"  # this service cannot serve (down, draining, stopped)
     DEADLINE = "timeout_error"
+    INTERNAL = "internal_error"
+    # Between services only (the gateway turns them into one of the above for its clients):
     PRECONDITION = "failed_precondition"  # the caller's state is stale (lease, epoch, layout)
     DATA_LOSS = "data_loss"  # bytes arrived corrupted
-    INTERNAL = "internal_error"
 
 
 def kind_of(exc: BaseException) -> ErrorKind:

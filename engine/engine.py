@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from contract.errors import ErrorKind
+from contract.limits import DEFAULT_MAX_MODEL_LEN
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.default_model import resolve_model
@@ -29,7 +30,7 @@ from engine.stop_checker import StopChecker
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_MAX_MODEL_LEN = 4096
+_DEFAULT_MAX_MODEL_LEN = DEFAULT_MAX_MODEL_LEN  # without --max-model-len: min(model's, this)
 
 
 class QueueFullError(RuntimeError):

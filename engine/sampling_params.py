@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-_MAX_LOGPROBS = 20
+from contract.limits import MAX_LOGPROBS as _MAX_LOGPROBS
 
 
 @dataclass(slots=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_LOGPROBS = 20  # the engine's cap on top-N logprobs
-
 
 @dataclass(slots=True, frozen=True)
 class GatewayConfig:

@@ -15,7 +15,8 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from gateway.config import MAX_LOGPROBS, GatewayConfig
+from contract.limits import MAX_LOGPROBS
+from gateway.config import GatewayConfig
 from gateway.dispatch import DispatchSettings
 from gateway.errors import ErrorKind, GatewayError, invalid
 from gateway.metrics import GatewayMetrics

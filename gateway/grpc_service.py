@@ -21,35 +21,13 @@ from gateway.schema import (
 )
 from gateway.version import VERSION
 from protos.pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from rpc import finish as finish_reasons
 from rpc.auth import BearerTokenInterceptor
+from rpc.sampling import fields_from_pb
 from rpc.server import RunningServer, ServerOptions, start_server
 from rpc.status import grpc_code
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-_FINISH = {
-    None: common_pb2.FINISH_REASON_UNSPECIFIED,
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "abort": common_pb2.FINISH_REASON_ABORT,
-}
-# Optional scalar fields copied from GenerationParams (proto) to GenerationParams (core).
-_OPTIONAL_FIELDS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "seed",
-    "include_stop_str_in_output",
-    "ignore_eos",
-    "min_tokens",
-    "logprobs",
-    "skip_special_tokens",
-    "n",
-)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -122,12 +100,7 @@ def _prompt_from_proto(request: Any) -> Prompt:
 
 
 def _params_from_proto(message: Any) -> GenerationParams:
-    values: dict[str, Any] = {
-        name: getattr(message, name) for name in _OPTIONAL_FIELDS if message.HasField(name)
-    }
-    values["stop"] = tuple(message.stop)
-    values["stop_token_ids"] = tuple(message.stop_token_ids)
-    return GenerationParams(**values)
+    return GenerationParams(**fields_from_pb(message))
 
 
 def delta_message(request_id: str, delta: ChoiceDelta) -> Any:
@@ -136,7 +109,7 @@ def delta_message(request_id: str, delta: ChoiceDelta) -> Any:
         index=delta.index,
         token_ids=delta.token_ids,
         text=delta.text,
-        finish_reason=_FINISH[delta.finish_reason],
+        finish_reason=finish_reasons.TO_PB[delta.finish_reason],
     )
     for lp in delta.logprobs or ():
         entry = message.logprobs.add(logprob=lp.logprob)

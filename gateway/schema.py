@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+from contract.finish import FinishReason as FinishReason  # the gateway names it from here
 
 
 @dataclass(slots=True, frozen=True)

@@ -21,6 +21,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from contract.limits import DEFAULT_MAX_MODEL_LEN
 from gateway.schema import ChatMessage
 
 # What transformers' `clean_up_tokenization` replaces when a tokenizer asks for it.
@@ -37,7 +38,6 @@ _CLEANUPS = (
     (" 're", "'re"),
 )
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
-DEFAULT_CONTEXT_CAP = 4096  # the engine's default max_model_len is min(model's, 4096)
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,7 +83,7 @@ class GatewayTokenizer:
     def default_max_model_len(self) -> int:
         """The engine's default context: min(model's max positions, 4096)."""
         positions = self.facts.max_position_embeddings
-        return DEFAULT_CONTEXT_CAP if positions is None else min(positions, DEFAULT_CONTEXT_CAP)
+        return DEFAULT_MAX_MODEL_LEN if positions is None else min(positions, DEFAULT_MAX_MODEL_LEN)
 
     # -- text <-> ids ---------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -12,15 +12,13 @@ from typing import Any
 
 import grpc
 
+from contract.sampling import WORKER_FIELD_NAMES
 from gateway.schema import FinishReason, GenerationParams, TokenLogprob
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from rpc.channel import open_channel
+from rpc.finish import finish_reason_from_pb
+from rpc.sampling import fields_to_pb
 
-_FINISH: dict[int, FinishReason] = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-}
 MAX_MESSAGE_BYTES = 64 * 2**20
 
 
@@ -167,25 +165,9 @@ class WorkerClient:
 
 
 def _sampling_message(sampling: SamplingRequest) -> common_pb2.SamplingParams:
-    p = sampling.params
-    message = common_pb2.SamplingParams(
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty,
-        max_tokens=sampling.max_tokens,
-        min_tokens=p.min_tokens,
-        stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-    )
-    if sampling.seed is not None:
-        message.seed = sampling.seed
-    if p.logprobs is not None:
-        message.logprobs = p.logprobs
-    return message
+    values = {name: getattr(sampling.params, name) for name in WORKER_FIELD_NAMES}
+    values.update(max_tokens=sampling.max_tokens, seed=sampling.seed)
+    return fields_to_pb(common_pb2.SamplingParams(), values)
 
 
 def _decode_chunk(message: Any) -> DecodeChunk:
@@ -196,7 +178,7 @@ def _decode_chunk(message: Any) -> DecodeChunk:
             TokenLogprob(tid, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top_logprobs))
             for tid, lp in zip(token_ids, message.logprobs, strict=False)
         ]
-    finish = _FINISH.get(message.finish_reason)
+    finish = finish_reason_from_pb(message.finish_reason)
     cached = message.usage.cached_prompt_tokens if message.HasField("usage") else None
     return DecodeChunk(token_ids, logprobs, finish, cached)
 

@@ -22,15 +22,12 @@ from typing import Any
 
 import grpc
 
-from protos.pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from protos.pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 from rpc.auth import bearer_metadata
+from rpc.finish import finish_reason_from_pb
+from rpc.sampling import fields_to_pb
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-_FINISH = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-}
 Prompt = str | Sequence[int]
 Messages = Sequence[Mapping[str, str]]
 
@@ -342,12 +339,7 @@ def build_request(
 
 
 def _fill_params(message: Any, options: GenerationOptions) -> None:
-    for f in fields(options):
-        value = getattr(options, f.name)
-        if f.name in ("stop", "stop_token_ids"):
-            getattr(message, f.name).extend(value)
-        elif value is not None:
-            setattr(message, f.name, value)
+    fields_to_pb(message, {f.name: getattr(options, f.name) for f in fields(options)})
 
 
 def aggregate(chunks: Any) -> GenerationResult:
@@ -388,7 +380,7 @@ def _chunk(message: Any) -> GenerationChunk:
         token_ids=tuple(message.token_ids),
         text=message.text,
         logprobs=logprobs,
-        finish_reason=_FINISH.get(message.finish_reason),
+        finish_reason=finish_reason_from_pb(message.finish_reason),
         stop_reason=stop_reason,
         prompt_token_ids=tuple(message.prompt_token_ids),
         usage=usage,

@@ -28,7 +28,7 @@ STATUS: dict[ErrorKind, Status] = {
     ErrorKind.INTERNAL: Status(grpc.StatusCode.INTERNAL, 500),
 }
 
-# An HTTP status back to a kind (the first kind in ErrorKind's order wins).
+# An HTTP status back to a kind (the first kind in ErrorKind's order: a client-facing one).
 KIND_OF_HTTP: dict[int, ErrorKind] = {}
 for _kind in ErrorKind:
     KIND_OF_HTTP.setdefault(STATUS[_kind].http, _kind)

@@ -7,41 +7,18 @@ from engine.sampling_params import SamplingParams
 from kvtransfer.exporter import WorkerIdentity
 from kvtransfer.wire import token_logprobs_to_pb
 from protos.pdserve.v1 import common_pb2, worker_pb2
+from rpc.finish import finish_reason_to_pb
+from rpc.sampling import fields_from_pb
 from worker.snapshot import WorkerSnapshot
-
-FINISH_REASONS = {
-    None: common_pb2.FINISH_REASON_UNSPECIFIED,
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "abort": common_pb2.FINISH_REASON_ABORT,
-}
-
-# proto field -> engine field, for the `optional` scalars copied as they are.
-_SCALARS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "seed",
-    "max_tokens",
-    "min_tokens",
-    "ignore_eos",
-    "logprobs",
-)
 
 
 def sampling_params_from_pb(msg: common_pb2.SamplingParams) -> SamplingParams:
     """Unset fields keep the engine's defaults. Raises ValueError on invalid values."""
-    values: dict[str, object] = {
-        name: getattr(msg, name) for name in _SCALARS if msg.HasField(name)
-    }
-    if "top_k" in values and values["top_k"] < 0:  # type: ignore[operator]
+    values = fields_from_pb(msg)
+    if values.get("top_k", 0) < 0:
         values["top_k"] = 0  # vLLM: -1 disables
-    values["stop_token_ids"] = list(msg.stop_token_ids)
-    return SamplingParams(**values)  # type: ignore[arg-type]
+    values["stop_token_ids"] = list(values["stop_token_ids"])
+    return SamplingParams(**values)
 
 
 def prompt_from_pb(ids) -> list[int]:
@@ -61,7 +38,7 @@ def chunk_from_output(out: RequestOutput, num_completion_tokens: int) -> worker_
         token_ids=out.new_token_ids, logprobs=logprobs_to_pb(out.new_logprobs)
     )
     if out.finished:
-        chunk.finish_reason = FINISH_REASONS.get(out.finish_reason, common_pb2.FINISH_REASON_ABORT)
+        chunk.finish_reason = finish_reason_to_pb(out.finish_reason)
         chunk.usage.CopyFrom(
             common_pb2.Usage(
                 prompt_tokens=out.num_prompt_tokens,

@@ -1,0 +1,60 @@
+"""The sampling contract: every per-request generation field, declared once.
+
+Each layer that carries these fields -- the OpenAI routes, the gateway's gRPC front door and its
+`GenerationParams`, the worker protocol (`pdserve.v1.SamplingParams`), the engine's
+`SamplingParams` and the typed client's `GenerationOptions` -- either derives its field list from
+`SAMPLING_FIELDS` or is checked against it by tests/contract/test_sampling_contract.py, which sends
+every field's `example` through that layer and fails when it is dropped.
+
+Adding a field: declare it here, then follow the failing tests (protos, the layers' dataclasses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contract.limits import MAX_LOGPROBS
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingField:
+    name: str  # vLLM's name
+    default: object  # what an unset field means
+    example: object  # a valid value other than the default (the contract tests send it)
+    to_worker: bool  # carried to the workers; False: the gateway applies it itself
+    invalid: object = None  # a value every validating layer refuses (None: no such value)
+
+
+SAMPLING_FIELDS: tuple[SamplingField, ...] = (
+    SamplingField("max_tokens", 16, 7, True, 0),  # None: up to the context length
+    SamplingField("temperature", 1.0, 0.5, True, -1.0),  # 0: greedy
+    SamplingField("top_p", 1.0, 0.75, True, 0.0),
+    SamplingField("top_k", 0, 5, True, -2),  # <= 0: disabled (vLLM's -1 too)
+    SamplingField("min_p", 0.0, 0.25, True, 1.5),
+    SamplingField("presence_penalty", 0.0, 0.5, True, 2.5),
+    SamplingField("frequency_penalty", 0.0, -0.5, True, -2.5),
+    SamplingField("repetition_penalty", 1.0, 1.5, True, 0.0),
+    SamplingField("seed", None, 1234, True),  # with n > 1, choice i samples with seed + i
+    SamplingField("stop", (), ("\n\n",), False, ("",)),  # matched on the detokenized text
+    SamplingField("stop_token_ids", (), (2, 3), True, (-1,)),
+    SamplingField("include_stop_str_in_output", False, True, False),
+    SamplingField("ignore_eos", False, True, True),
+    SamplingField("min_tokens", 0, 2, True, -1),
+    SamplingField(
+        "logprobs", None, 3, True, MAX_LOGPROBS + 1
+    ),  # top-N per token; 0: only the sampled one's
+    SamplingField("skip_special_tokens", True, False, False),  # detokenization
+    SamplingField("n", 1, 2, False, 0),  # the gateway runs n choices
+)
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in SAMPLING_FIELDS)
+WORKER_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in SAMPLING_FIELDS if f.to_worker)
+# Fields a layer may have beyond the contract, each with the reason.
+GATEWAY_ONLY = {"logit_bias": "accepted by the OpenAI routes and refused when non-empty"}
+
+
+def field(name: str) -> SamplingField:
+    for f in SAMPLING_FIELDS:
+        if f.name == name:
+            return f
+    raise KeyError(name)

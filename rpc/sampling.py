@@ -1,0 +1,40 @@
+"""protobuf <-> the sampling contract. Both messages that carry sampling fields
+(`pdserve.v1.GenerationParams` from clients, `pdserve.v1.SamplingParams` to workers) name them as
+`contract.sampling` does, so conversion goes by name; tests check the names agree."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+
+
+def fields_from_pb(message: Any) -> dict[str, Any]:
+    """The fields that are set (an unset `optional` is absent: the reader's default applies);
+    repeated fields always, as tuples."""
+    values: dict[str, Any] = {}
+    for fd in message.DESCRIPTOR.fields:
+        if _repeated(fd):
+            values[fd.name] = tuple(getattr(message, fd.name))
+        elif message.HasField(fd.name):
+            values[fd.name] = getattr(message, fd.name)
+    return values
+
+
+def fields_to_pb(message: Any, values: Mapping[str, Any]) -> Any:
+    """Set `values` on `message` (None stays unset; sequences fill repeated fields)."""
+    descriptor = message.DESCRIPTOR.fields_by_name
+    for name, value in values.items():
+        if value is None:
+            continue
+        if _repeated(descriptor[name]):
+            getattr(message, name).extend(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def _repeated(fd: FieldDescriptor) -> bool:
+    flag = getattr(fd, "is_repeated", None)  # protobuf >= 5.29; `label` is gone in 7
+    return bool(flag) if flag is not None else fd.label == FieldDescriptor.LABEL_REPEATED
