@@ -14,6 +14,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from contract.block_hash import hash_block
+
+__all__ = ["BlockPool", "KVCacheBlock", "hash_block"]  # hash_block: the chained content hash
+
 
 @dataclass(slots=True, eq=False)
 class KVCacheBlock:
@@ -21,11 +25,6 @@ class KVCacheBlock:
     ref_cnt: int = 0
     block_hash: int | None = None
     token_ids: tuple[int, ...] | None = None  # the tokens a hashed block holds (hit check)
-
-
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """Chained content hash: a block's hash covers every token before it."""
-    return hash((parent_hash, tuple(token_ids)))
 
 
 class BlockPool:

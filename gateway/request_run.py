@@ -8,19 +8,36 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from gateway.choice_output import ChoiceOutput
-from gateway.dispatch import ChoiceDispatch
+from gateway.dispatch import ChoiceDispatch, DispatchSettings
 from gateway.errors import ErrorKind, GatewayError
+from gateway.metrics import GatewayMetrics
 from gateway.schema import ChoiceDelta, GenerationParams, Usage
+from gateway.tokenizer import GatewayTokenizer
 from gateway.worker_client import SamplingRequest
-
-if TYPE_CHECKING:
-    from gateway.core import GatewayCore
+from gateway.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 _INT64 = 2**64
+
+
+class RunOwner(Protocol):
+    """What a run needs from the gateway core that opened it (GatewayCore is one)."""
+
+    tokenizer: GatewayTokenizer
+    pool: WorkerPool
+    metrics: GatewayMetrics
+    dispatch_settings: DispatchSettings
+
+    def spawn(self, coro: Any) -> None:
+        """Run a clean-up call in the background, past the request's cancellation."""
+        ...
+
+    def forget(self, run: RequestRun) -> None:
+        """The run has ended: drop it from the requests in flight."""
+        ...
 
 
 class RequestRun:
@@ -32,7 +49,7 @@ class RequestRun:
 
     def __init__(
         self,
-        core: GatewayCore,
+        core: RunOwner,
         request_id: str,
         prompt_ids: list[int],
         params: GenerationParams,

@@ -89,22 +89,6 @@ def clamp_chunk_bytes(requested: int) -> int:
     return min(requested or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
 
 
-def transfer_bytes(num_layers: int, num_blocks: int, page_bytes: int) -> int:
-    return num_layers * len(KINDS) * num_blocks * page_bytes
-
-
-def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """(first block id, count) for each run of consecutive ids, in order: [4, 5, 6, 9] ->
-    [(4, 3), (9, 1)]. Consecutive blocks are adjacent in a pool, so a run is one byte range."""
-    runs: list[tuple[int, int]] = []
-    for block in block_ids:
-        if runs and block == runs[-1][0] + runs[-1][1]:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((block, 1))
-    return runs
-
-
 def iter_chunks(
     layers: Sequence[int],
     block_ids: Sequence[int],

@@ -9,14 +9,15 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kvtransfer.chunking import (
-    ChunkParts,
+from kvtransfer.chunking import ChunkParts, iter_packed_parts, iter_sliced_parts
+from kvtransfer.layout import (
+    KINDS,
+    IncompatibleLayoutError,
+    KVLayout,
     block_runs,
-    iter_packed_parts,
-    iter_sliced_parts,
+    check_compatible,
     transfer_bytes,
 )
-from kvtransfer.layout import KINDS, IncompatibleLayoutError, KVLayout, check_compatible
 from kvtransfer.lease import FreeReason, Lease, LeaseError, LeaseTable
 from kvtransfer.pages import KVAddressError, PagedKV
 from kvtransfer.shm import ShmExporter, ShmSegmentInfo
@@ -85,11 +86,6 @@ class KVExporter:
         self._check_identity(request)
         with self.leases.pinned(request.transfer_id) as lease:
             yield self._plan(request, lease)
-
-    def layer_bytes(self, plan: ReadPlan, layer: int) -> memoryview:
-        """One layer's pages, ordered (kind, block), as bytes."""
-        pages = self.paged.gather([layer], list(plan.block_ids))  # (1, 2, nb, page_bytes)
-        return memoryview(pages.numpy()).cast("B")
 
     def chunk_parts(
         self, plan: ReadPlan, max_chunk_bytes: int, *, packed: bool

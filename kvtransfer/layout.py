@@ -10,6 +10,7 @@ that shapes a page (and the weights that produced it) is equal: that is the comp
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from contract.errors import ErrorKind
@@ -112,3 +113,19 @@ def check_compatible(local: KVLayout, remote: KVLayout, remote_hash: str) -> Non
     diffs = local.mismatches(remote)
     if diffs:
         raise IncompatibleLayoutError("incompatible KV layouts: " + "; ".join(diffs))
+
+
+def transfer_bytes(num_layers: int, num_blocks: int, page_bytes: int) -> int:
+    return num_layers * len(KINDS) * num_blocks * page_bytes
+
+
+def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(first block id, count) for each run of consecutive ids, in order: [4, 5, 6, 9] ->
+    [(4, 3), (9, 1)]. Consecutive blocks are adjacent in a pool, so a run is one byte range."""
+    runs: list[tuple[int, int]] = []
+    for block in block_ids:
+        if runs and block == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    return runs

@@ -8,8 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from kvtransfer.checksum import crc32
-from kvtransfer.chunking import block_runs
-from kvtransfer.layout import KVLayout, dtype_name
+from kvtransfer.layout import KVLayout, block_runs, dtype_name
 
 _PIECE = 512 << 10  # copy+checksum granule: stays in a core's L2 cache
 

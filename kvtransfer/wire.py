@@ -70,22 +70,6 @@ def read_request_to_pb(req: ReadRequest) -> kvtransfer_pb2.ReadBlocksRequest:
     )
 
 
-def chunk_to_pb(chunk: Chunk) -> kvtransfer_pb2.KVChunk:
-    return kvtransfer_pb2.KVChunk(
-        seq=chunk.seq,
-        slices=[
-            kvtransfer_pb2.PageSlice(
-                layer=s.layer, kind=s.kind, block_id=s.block_id, offset=s.offset, length=s.length
-            )
-            for s in chunk.slices
-        ],
-        data=bytes(chunk.data),
-        crc32=chunk.crc32,
-        total_bytes=chunk.total_bytes,
-        stream_offset=chunk.stream_offset,
-    )
-
-
 def chunk_from_pb(msg: kvtransfer_pb2.KVChunk) -> Chunk:
     slices = [PageSlice(s.layer, s.kind, s.block_id, s.offset, s.length) for s in msg.slices]
     return Chunk(msg.seq, slices, msg.data, msg.crc32, msg.total_bytes, msg.stream_offset)

@@ -323,7 +323,7 @@ def test_shm_checksum_failure_falls_back_to_grpc_for_that_pull_only():
 
 def test_transfer_benchmark_runs_and_writes_json(tmp_path):
     out = tmp_path / "kv.json"
-    argv = [sys.executable, "-m", "kvtransfer.bench", "--tokens", "64", "--layers", "2",
+    argv = [sys.executable, "-m", "pdserve.bench.kv_transfer", "--tokens", "64", "--layers", "2",
             "--kv-heads", "1", "--head-dim", "8", "--repeats", "2", "--chunk-bytes", "4096",
             "--output-json", str(out)]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)

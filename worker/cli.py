@@ -10,6 +10,12 @@ from rpc.server import add_server_args
 DEFAULT_PORTS = {"prefill": 50061, "decode": 50071}
 
 
+def transport_choices() -> tuple[str, ...]:
+    from kvtransfer.transports import TRANSPORT_CHOICES
+
+    return TRANSPORT_CHOICES
+
+
 def add_worker_args(parser: argparse.ArgumentParser, role: str) -> None:
     from engine.cli_args import add_engine_args
 
@@ -33,7 +39,7 @@ def _add_prefill_kv_args(g) -> None:
     g.add_argument(
         "--kv-transport",
         default="auto",
-        choices=("auto", "grpc", "shm"),
+        choices=transport_choices(),
         help="grpc: never offer shared memory to decode workers",
     )
     g.add_argument(
@@ -53,7 +59,7 @@ def _add_decode_kv_args(g) -> None:
     g.add_argument(
         "--kv-transport",
         default="auto",
-        choices=("auto", "grpc", "shm"),
+        choices=transport_choices(),
         help="auto: shared memory with a prefill worker on this host, else gRPC",
     )
     g.add_argument(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvtransfer.client import TRANSPORTS
+from kvtransfer.transports import TRANSPORT_CHOICES
 
 ROLES = ("prefill", "decode")
 
@@ -41,8 +41,10 @@ class DecodeWorkerConfig:
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.kv_transport not in TRANSPORTS:
-            raise ValueError(f"kv_transport must be one of {TRANSPORTS}, got {self.kv_transport!r}")
+        if self.kv_transport not in TRANSPORT_CHOICES:
+            raise ValueError(
+                f"kv_transport must be one of {TRANSPORT_CHOICES}, got {self.kv_transport!r}"
+            )
         if self.max_chunk_bytes < 0:
             raise ValueError(f"max_chunk_bytes must be >= 0, got {self.max_chunk_bytes}")
         if self.drain_timeout_s < 0:

@@ -1,6 +1,6 @@
 """The latency the prefill -> decode hop adds to the first token, on the default model.
 
-    python -m kvtransfer.bench_hop --prompt-tokens 512 --repeats 5 --output-json hop.json
+    python -m pdserve.bench.kv_hop --prompt-tokens 512 --repeats 5 --output-json hop.json
 
 Starts real worker processes on free 127.0.0.1 ports -- one `pdserve prefill` and two `pdserve
 decode` (one with `--kv-transport auto`, which picks shared memory on this host, one with
@@ -121,7 +121,7 @@ def first_tokens(stream) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kvtransfer.bench_hop",
+        prog="python -m pdserve.bench.kv_hop",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

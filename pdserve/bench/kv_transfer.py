@@ -1,7 +1,7 @@
 """KV transfer throughput, with two baselines measured on the same bytes in the same run.
 
-    python -m kvtransfer.bench --tokens 1024 --repeats 7 --output-json kv_bench.json
-    python -m kvtransfer.bench --sweep            # chunk sizes x streams, bare stream and KV gRPC
+    python -m pdserve.bench.kv_transfer --tokens 1024 --repeats 7 --output-json kv_bench.json
+    python -m pdserve.bench.kv_transfer --sweep            # chunk sizes x streams, bare stream and KV gRPC
 
 A child process (`... serve`) serves, on one gRPC server on 127.0.0.1, the KVTransferService over
 a random pool (with a lease on the prompt's blocks) and a bare byte-stream service; this process
@@ -371,7 +371,7 @@ async def measure(args, child, port) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kvtransfer.bench",
+        prog="python -m pdserve.bench.kv_transfer",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(args))
         return 0
     child = subprocess.Popen(
-        [sys.executable, "-m", "kvtransfer.bench", "serve", *_forward(args)],
+        [sys.executable, "-m", "pdserve.bench.kv_transfer", "serve", *_forward(args)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
