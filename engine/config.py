@@ -10,7 +10,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str | None = None  # local Hugging Face folder; None means the default model
+    model: str | None = None  # local Hugging Face folder (required by LLMEngine)
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # None: min(model's max positions, 4096)

@@ -17,9 +17,8 @@ from contract.errors import ErrorKind
 from contract.limits import DEFAULT_MAX_MODEL_LEN
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
-from engine.default_model import resolve_model
 from engine.kv_cache_manager import KVCacheManager
-from engine.model_loader import load_hf_config, load_model
+from engine.model_loader import load_hf_config, load_model, model_folder
 from engine.model_runner import KVCacheSpec, ModelRunner, kv_pool_bytes
 from engine.outputs import PrefillResult, RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
@@ -60,7 +59,7 @@ class ImportReservation:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_path = resolve_model(config.model)
+        self.model_path = model_folder(config.model)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.device = _pick_device(config.device)

@@ -67,9 +67,3 @@ class KVCacheManager:
         self.pool.free([self.pool.blocks[i] for i in reversed(request.block_ids)])
         request.block_ids = []
         request.block_hashes = []
-
-    def slot(self, request: Request, position: int) -> int:
-        return (
-            request.block_ids[position // self.block_size] * self.block_size
-            + position % self.block_size
-        )

@@ -16,9 +16,10 @@ PromptType = str | dict
 
 
 class LLM:
-    """`LLM(model=None)` serves the default model; `model` may be any supported local HF folder."""
+    """`LLM(model)`: `model` is any supported local HF folder (`pdserve.LLM()` resolves the
+    default model first)."""
 
-    def __init__(self, model: str | None = None, **engine_kwargs) -> None:
+    def __init__(self, model: str, **engine_kwargs) -> None:
         known = {f.name for f in fields(EngineConfig)}
         unknown = set(engine_kwargs) - known
         if unknown:

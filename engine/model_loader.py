@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,3 +94,19 @@ def _fingerprint(path: Path, arch: str) -> str:
         with file.open("rb") as f:
             h.update(f.read(1 << 16))
     return h.hexdigest()[:32]
+
+
+def model_folder(model: str | os.PathLike[str] | None) -> Path:
+    """The local Hugging Face folder `model` names, checked. The engine loads folders only:
+    the default model is converted by whoever starts the engine (`pdserve.default_model`)."""
+    if model is None or os.fspath(model).strip() == "":
+        raise ValueError(
+            "the engine needs a local Hugging Face model folder (pdserve.default_model."
+            "resolve_model turns None or the default model's name into one)"
+        )
+    path = Path(os.fspath(model)).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model path {path} is not a folder (expected a local HF model folder)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {path} has no config.json (is it a HF model folder?)")
+    return path.resolve()

@@ -5,7 +5,7 @@ model folder's `tokenizer.json` is what transformers' fast tokenizers wrap anywa
 with the `tokenizers` library, read the special tokens and chat template from
 `tokenizer_config.json` / `chat_template.jinja`, and render templates in a jinja2 sandbox set up
 the way transformers sets it up (trim_blocks, lstrip_blocks, `raise_exception`, `tojson`,
-`strftime_now`). `tests/test_gateway_tokenizer.py` checks we agree with transformers.
+`strftime_now`). `tests/gateway_tests/test_gateway_tokenizer.py` checks we agree with transformers.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def __getattr__(name):
     # Lazy, so `import pdserve` (CLI, gateway client) does not import torch.
     if name == "LLM":
-        from engine.llm import LLM
+        from pdserve.llm import LLM
 
         return LLM
     if name == "SamplingParams":

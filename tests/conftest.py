@@ -14,6 +14,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Tests live in one folder per package (engine_tests/, gateway_tests/, ...) and share helpers
+# across them (test_gateway_fakes, test_kvtransfer_service, ...): every folder is importable by
+# module name, whatever order pytest collects them in. Test module names are unique.
+for _folder in sorted(Path(__file__).parent.glob("*_tests")):
+    sys.path.insert(1, str(_folder))
 
 from tiny_models import save_tiny_model  # noqa: E402
 

@@ -41,9 +41,9 @@ import grpc
 import torch
 
 from engine.config import EngineConfig
-from engine.default_model import resolve_model
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from pdserve.default_model import resolve_model
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 LISTENING = re.compile(r"listening on (\S+:\d+)")

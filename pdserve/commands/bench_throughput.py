@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from engine.cli_args import engine_config_from_args
-    from engine.default_model import resolve_model
+    from pdserve.default_model import resolve_model
 
     if args.num_threads is not None:  # the engine flag; the baselines and the peak use it too
         torch.set_num_threads(args.num_threads)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from engine.default_model import (
+from pdserve.default_model import (
     DEFAULT_MODEL_NAME,
     convert_default_model,
     default_model_dir,

@@ -69,7 +69,7 @@ def resolve_model_folder(model: str | None) -> Path:
     """An existing folder as is; otherwise the engine resolves it (the default model)."""
     if model is not None and Path(model).expanduser().is_dir():
         return Path(model).expanduser().resolve()
-    from engine.default_model import resolve_model
+    from pdserve.default_model import resolve_model
 
     return resolve_model(model)
 

@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
 def _make_llm(args: argparse.Namespace) -> Any:
     """Build the `LLM`, converting the default model first when --model is not given."""
     from engine.cli_args import engine_config_from_args
-    from engine.default_model import resolve_model
     from engine.llm import LLM
+    from pdserve.default_model import resolve_model
 
     args.model = str(resolve_model(args.model, args.cache_dir))
     config = engine_config_from_args(args)

@@ -21,6 +21,8 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from engine.cli_args import engine_config_from_args
+    from pdserve.default_model import resolve_model
     from worker.cli import run
 
+    args.model = str(resolve_model(args.model))  # the default model is converted here, once
     return run(ROLE, args, engine_config_from_args(args))

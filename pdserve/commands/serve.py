@@ -97,7 +97,7 @@ def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
 
 def resolve_model(model: str | None, cache_dir: str | None) -> Path:
     """The HF folder every child gets (the default model is converted here, once)."""
-    from engine.default_model import resolve_model as resolve
+    from pdserve.default_model import resolve_model as resolve
 
     return resolve(model, cache_dir)
 

@@ -116,7 +116,7 @@ def test_example_script_runs(gw):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [
             sys.executable,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Ragged prompts crossing 8-token blocks. The last one shares a 12-token prefix with the one
 # before; it is generated in a second call, so its first block comes from the prefix cache and

@@ -313,7 +313,7 @@ if __name__ == "__main__":
 
 
 def test_bench_compare_script_runs_both_servers_and_prints_ratios(fake_server, tmp_path) -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PDSERVE_URL=fake_server.url, LLAMACPP_URL=fake_server.url,
                ROUNDS="2", PLOTS="0", OUT_DIR=str(tmp_path / "cmp"))  # fmt: skip
     extra = ["--api-key", API_KEY, "--num-prompts", "4", "--random-input-len", "5",

@@ -24,7 +24,7 @@ from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = list(range(20, 61))  # 41 tokens: 3 blocks of 16
 MAX_TOKENS = 10
 ENGINE_FLAGS = ["--kv-cache-memory", "1MiB", "--device", "cpu", "--block-size", "16"]

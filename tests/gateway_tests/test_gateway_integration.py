@@ -27,7 +27,7 @@ from engine.sampling_params import SamplingParams
 from pdserve.client import GatewayClient, GenerationOptions
 from protos.pdserve.v1 import worker_pb2_grpc
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"gateway listening on http (\S+:\d+), grpc (\S+:\d+)")
 LONG_PROMPT = "the quick brown fox jumps over the lazy dog and prefill on one worker"
 SHORT_PROMPT = "hello"

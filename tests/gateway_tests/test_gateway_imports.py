@@ -10,7 +10,7 @@ from pathlib import Path
 
 from test_gateway_fakes import build_tiny_model_folder
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import asyncio, json, sys
 sys.path.insert(0, "tests")

@@ -18,7 +18,7 @@ from pdserve.cli import build_parser
 from pdserve.commands.serve import banner, cluster_options, engine_flag_argv, gateway_flag_argv
 from pdserve.launcher import ClusterOptions, plan_cluster
 
-LAUNCHER = Path(__file__).resolve().parents[1] / "pdserve" / "launcher.py"
+LAUNCHER = Path(__file__).resolve().parents[2] / "pdserve" / "launcher.py"
 
 STAND_IN = textwrap.dedent(
     """

@@ -23,7 +23,7 @@ import yaml
 from pdserve.cli import build_parser
 from pdserve.launcher import DECODE_PORT, GATEWAY_GRPC_PORT, GATEWAY_HTTP_PORT, PREFILL_PORT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PDSERVE = ROOT / ".venv" / "bin" / "pdserve"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "pdserve.json"
 PDSERVE_SERVICES = {"model": "convert", "prefill": "prefill", "decode": "decode",

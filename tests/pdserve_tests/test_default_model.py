@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import default_model
-from engine.default_model import (
+from pdserve import default_model
+from pdserve.cli import main as pdserve_main
+from pdserve.default_model import (
     DEFAULT_MODEL_NAME,
     convert_default_model,
     default_cache_dir,
@@ -19,7 +20,6 @@ from engine.default_model import (
     resolve_model,
     verify_converted_folder,
 )
-from pdserve.cli import main as pdserve_main
 
 PARITY_NEW_TOKENS = 24
 PARITY_PROMPTS = (
