@@ -157,7 +157,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _model_folder(args: argparse.Namespace) -> Path:
-    from engine.default_model import resolve_model  # converts the default model on first use
+    from pdserve.default_model import resolve_model  # converts the default model on first use
 
     return resolve_model(args.model)
 
