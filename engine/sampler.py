@@ -38,7 +38,7 @@ class Sampler:
 
     def skip_draw(self, generator: torch.Generator) -> None:
         """Consume exactly what one sampled token consumes from a request's generator."""
-        torch.empty(self.vocab_size).exponential_(generator=generator)
+        torch.rand((), generator=generator)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows = [
@@ -79,11 +79,16 @@ class Sampler:
             return tokens
         temps = torch.tensor([max(r.params.temperature, 1e-5) for r in requests]).unsqueeze(1)
         probs = _filter(logits / temps, requests).softmax(dim=-1)  # (S, V)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        # Inverse-CDF draw: one uniform per row (an exponential race would need V of them, the
+        # larger part of a CPU step at batch 64). u in (0, 1], so a zero-probability token,
+        # whose CDF equals its predecessor's, is never the first entry >= u * total.
+        u = 1.0 - torch.rand(len(requests), generator=self.generator)
         for i, r in enumerate(requests):
             if r.generator is not None and not r.params.greedy:
-                noise[i].exponential_(generator=r.generator)
-        sampled = (probs / noise).argmax(dim=-1)  # exponential race == categorical draw
+                u[i] = 1.0 - torch.rand((), generator=r.generator)
+        cdf = probs.cumsum(dim=-1)  # (S, V)
+        sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+        sampled = sampled.clamp_(max=probs.shape[1] - 1)
         return torch.where(greedy, tokens, sampled)
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]):

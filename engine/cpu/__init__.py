@@ -9,6 +9,7 @@ and says so on stderr.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import sys
 import threading
@@ -63,20 +64,10 @@ def load(build_dir: Path | None = None):
                 flush=True,
             )
         t0 = time.perf_counter()
-        try:
-            _module = cpp_extension.load(
-                name="pdserve_cpu",
-                sources=[str(_SOURCE)],
-                build_directory=str(target),
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except (RuntimeError, OSError, ImportError) as exc:
-            raise RuntimeError(
-                f"cannot build pdserve's CPU kernels ({exc}); install g++ and ninja, "
-                "or run with --enforce-eager"
-            ) from exc
+        # One process builds; others (workers started together) wait here, then load the result.
+        with open(target / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _module = _build(cpp_extension, target)
         if fresh:
             print(
                 f"[pdserve] CPU kernels built in {time.perf_counter() - t0:.0f} s",
@@ -84,3 +75,20 @@ def load(build_dir: Path | None = None):
                 flush=True,
             )
         return _module
+
+
+def _build(cpp_extension, target: Path):
+    try:
+        return cpp_extension.load(
+            name="pdserve_cpu",
+            sources=[str(_SOURCE)],
+            build_directory=str(target),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except (RuntimeError, OSError, ImportError) as exc:
+        raise RuntimeError(
+            f"cannot build pdserve's CPU kernels ({exc}); install g++ and ninja, "
+            "or run with --enforce-eager"
+        ) from exc

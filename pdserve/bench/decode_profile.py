@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.num_threads))
+    from pdserve.default_model import resolve_model
+
+    model = str(resolve_model(args.model))
+    engine = LLMEngine(EngineConfig(model=model, num_threads=args.num_threads))
     with torch.inference_mode():
         results = [profile_batch(engine, b, args.context, args.repeats) for b in args.batch]
     report = {"threads": torch.get_num_threads(), "results": results}

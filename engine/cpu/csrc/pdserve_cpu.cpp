@@ -160,9 +160,9 @@ void attend_tile(const float* q, const float* k_cache, const float* v_cache, flo
 }
 
 #ifdef __AVX512F__
-// exp of 16 lanes, x <= 0 (same polynomial as exp_nonpos).
-inline __m512 exp512_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+// exp of 16 lanes (the polynomial of exp_nonpos), for x in [-87, 88]; clamped outside.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -298,7 +298,7 @@ void attend_tile_avx512(const float* q, const float* k_cache, const float* v_cac
       const __m512 sv = _mm512_mask_blend_ps(mask, neg_inf, _mm512_loadu_ps(sc + qv * 16));
       const float mx = std::max(m[qv], _mm512_reduce_max_ps(sv));
       const float alpha = exp_nonpos(m[qv] - mx);
-      const __m512 p = _mm512_maskz_mov_ps(mask, exp512_nonpos(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
+      const __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
       l[qv] = l[qv] * alpha + _mm512_reduce_add_ps(p);
       m[qv] = mx;
       alignas(64) float pr[16];
@@ -587,7 +587,17 @@ void silu_mul_rows(float* out, const float* x, int64_t rows, int64_t I) {
       const float* gate = x + t * 2 * I;
       const float* up = gate + I;
       float* o = out + t * I;
-      for (int64_t i = 0; i < I; ++i) {
+      int64_t i = 0;
+#ifdef __AVX512F__
+      const __m512 one = _mm512_set1_ps(1.0f);
+      for (; i + 16 <= I; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(gate + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
+      }
+#endif
+      for (; i < I; ++i) {
         const float gv = gate[i];
         o[i] = gv / (1.0f + std::exp(-gv)) * up[i];
       }
