@@ -48,9 +48,11 @@ def reference(tiny_llama):
 
 
 @contextlib.asynccontextmanager
-async def cluster(model, *, transport="grpc", prefill_cfg=None, prefill_engine_kw=None):
+async def cluster(
+    model, *, transport="grpc", prefill_cfg=None, prefill_engine_kw=None, decode_engine_kw=None
+):
     prefill_engine = make_engine(model, **(prefill_engine_kw or {}))
-    decode_engine = make_engine(model)
+    decode_engine = make_engine(model, **(decode_engine_kw or {}))
     p = await start_prefill_server(
         prefill_engine, prefill_cfg or PrefillWorkerConfig(), ServerOptions(port=0)
     )
@@ -199,7 +201,10 @@ def test_abort_ends_the_stream_with_abort(tiny_llama):
 
 def test_deadline_is_respected_and_frees_blocks(tiny_llama):
     async def main():
-        async with cluster(tiny_llama) as (pstub, dstub, p, d):
+        # The eager forward: 450 tiny-model steps take ~1 s there, well past the 0.3 s deadline
+        # (the compiled one can finish them inside it).
+        eager = {"enforce_eager": True}
+        async with cluster(tiny_llama, decode_engine_kw=eager) as (pstub, dstub, p, d):
             long = common_pb2.SamplingParams(temperature=0.0, max_tokens=450, ignore_eos=True)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await decode(dstub, "r-deadline", PROMPTS[0], sampling=long, timeout=0.3)
