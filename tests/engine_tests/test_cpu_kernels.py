@@ -45,6 +45,9 @@ CASES = [
     ([64], [64]),
     ([100], [30]),  # a chunk over a 70-token cached prefix (or a prefix hit)
     ([17, 200, 3, 48], [1, 50, 3, 1]),
+    # few (sequence, kv head) items and long contexts: the keys split across threads
+    ([1000], [1]),
+    ([130, 700], [1, 1]),
 ]
 
 

@@ -205,9 +205,12 @@ inline __m512 hsum16(const __m512* v) {
 // rows stream past. Few query vectors (decode: one row, g heads) score each key row with a dot
 // product; many (a prefill tile) share a transposed copy of the 16 keys instead.
 template <int DV>
+// Keys [key_lo, key_hi) only (key_lo a multiple of 16). With `partial`, the unnormalised state
+// (max, sum, accumulator: D + 2 floats per query vector) goes there for a later combine.
 void attend_tile_avx512(const float* q, const float* k_cache, const float* v_cache, float* out,
                         const int32_t* table, int64_t q_start_token, int64_t first_pos,
-                        int64_t r0, int64_t r1, int64_t kv_head, const AttnShape& s) {
+                        int64_t r0, int64_t r1, int64_t kv_head, const AttnShape& s,
+                        int64_t key_lo, int64_t key_hi, float* partial) {
   constexpr int64_t D = 16 * DV;
   const int64_t bs = s.block_size, Hkv = s.num_kv_heads;
   const int64_t g = s.num_heads / Hkv;
@@ -232,9 +235,9 @@ void attend_tile_avx512(const float* q, const float* k_cache, const float* v_cac
   std::fill(acc, acc + nq * D, 0.0f);
   std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
   std::fill(l, l + nq, 0.0f);
-  const int64_t num_keys = first_pos + r1;
+  const int64_t num_keys = std::min(first_pos + r1, key_hi);
   const int64_t token_stride = Hkv * D;
-  for (int64_t base = 0; base < num_keys; base += 16) {
+  for (int64_t base = key_lo; base < num_keys; base += 16) {
     const int64_t cnt = std::min<int64_t>(16, num_keys - base);
     const int64_t block = table[base / bs];
     const int64_t off = (block * bs + base % bs) * token_stride + kv_head * D;
@@ -316,6 +319,15 @@ void attend_tile_avx512(const float* q, const float* k_cache, const float* v_cac
       for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(a + 16 * dv, av[dv]);
     }
   }
+  if (partial != nullptr) {
+    for (int64_t qv = 0; qv < nq; ++qv) {
+      float* dst = partial + qv * (D + 2);
+      dst[0] = m[qv];
+      dst[1] = l[qv];
+      std::memcpy(dst + 2, acc + qv * D, D * sizeof(float));
+    }
+    return;
+  }
   for (int64_t qv = 0; qv < nq; ++qv) {
     const int64_t r = r0 + qv / g, j = qv % g;
     float* dst = out + (q_start_token + r) * s.out_row_stride + (kv_head * g + j) * D;
@@ -326,19 +338,34 @@ void attend_tile_avx512(const float* q, const float* k_cache, const float* v_cac
 }
 #endif
 
-// The tile through the vectorised kernel where its shape allows, else the portable one.
+bool fast_tile_ok(const AttnShape& s) {
+#ifdef __AVX512F__
+  return s.block_size % 16 == 0 &&
+         (s.head_dim == 16 || s.head_dim == 32 || s.head_dim == 64 || s.head_dim == 128);
+#else
+  return false;
+#endif
+}
+
+// The tile through the vectorised kernel where its shape allows (fast_tile_ok), else the
+// portable one (whole key range, no partial output).
 void attend_tile_any(const float* q, const float* k_cache, const float* v_cache, float* out,
                      const int32_t* table, int64_t q_start_token, int64_t first_pos, int64_t r0,
-                     int64_t r1, int64_t kv_head, const AttnShape& s) {
+                     int64_t r1, int64_t kv_head, const AttnShape& s, int64_t key_lo = 0,
+                     int64_t key_hi = std::numeric_limits<int64_t>::max(),
+                     float* partial = nullptr) {
 #ifdef __AVX512F__
-  if (s.block_size % 16 == 0) {
+  if (fast_tile_ok(s)) {
+#define PDSERVE_TILE(DV)                                                                   \
+  return attend_tile_avx512<DV>(q, k_cache, v_cache, out, table, q_start_token, first_pos, \
+                                r0, r1, kv_head, s, key_lo, key_hi, partial)
     switch (s.head_dim) {
-      case 16: return attend_tile_avx512<1>(q, k_cache, v_cache, out, table, q_start_token, first_pos, r0, r1, kv_head, s);
-      case 32: return attend_tile_avx512<2>(q, k_cache, v_cache, out, table, q_start_token, first_pos, r0, r1, kv_head, s);
-      case 64: return attend_tile_avx512<4>(q, k_cache, v_cache, out, table, q_start_token, first_pos, r0, r1, kv_head, s);
-      case 128: return attend_tile_avx512<8>(q, k_cache, v_cache, out, table, q_start_token, first_pos, r0, r1, kv_head, s);
-      default: break;
+      case 16: PDSERVE_TILE(1);
+      case 32: PDSERVE_TILE(2);
+      case 64: PDSERVE_TILE(4);
+      default: PDSERVE_TILE(8);
     }
+#undef PDSERVE_TILE
   }
 #endif
   attend_tile(q, k_cache, v_cache, out, table, q_start_token, first_pos, r0, r1, kv_head, s);
@@ -348,25 +375,82 @@ struct WorkItem {
   int32_t seq, kv_head, r0, r1;
 };
 
+// Decode-only batches with fewer (sequence, kv head) items than a few per thread split each
+// item's keys into chunks (flash-decoding) and combine the chunks' softmax states after.
+constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kMinKeysPerSplit = 128;
+
+void combine_splits(const float* partial, float* out, int64_t nq, int64_t nsplit, int64_t D,
+                    int64_t q_token, int64_t head0, int64_t out_row_stride) {
+  for (int64_t qv = 0; qv < nq; ++qv) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t sp = 0; sp < nsplit; ++sp) mx = std::max(mx, partial[(sp * nq + qv) * (D + 2)]);
+    float total = 0.0f;
+    float* dst = out + q_token * out_row_stride + (head0 + qv) * D;
+    std::fill(dst, dst + D, 0.0f);
+    for (int64_t sp = 0; sp < nsplit; ++sp) {
+      const float* p = partial + (sp * nq + qv) * (D + 2);
+      if (p[1] == 0.0f) continue;  // a chunk with no keys
+      const float w = exp_nonpos(p[0] - mx);
+      total += p[1] * w;
+      for (int64_t d = 0; d < D; ++d) dst[d] += p[2 + d] * w;
+    }
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+  }
+}
+
 void paged_attention_raw(const float* q, const float* k_cache, const float* v_cache, float* out,
                          const int32_t* block_tables, const int32_t* context_lens,
                          const int32_t* cu_seqlens_q, int64_t num_seqs, const AttnShape& s) {
   std::vector<WorkItem> items;
+  bool decode_only = true;
+  int64_t max_ctx = 0;
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int32_t qlen = cu_seqlens_q[b + 1] - cu_seqlens_q[b];
+    decode_only = decode_only && qlen == 1;
+    max_ctx = std::max<int64_t>(max_ctx, context_lens[b]);
     for (int32_t r0 = 0; r0 < qlen; r0 += kQueryRowsPerTile)
       for (int32_t h = 0; h < s.num_kv_heads; ++h)
         items.push_back({static_cast<int32_t>(b), h, r0, std::min(qlen, r0 + kQueryRowsPerTile)});
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t want = kItemsPerThread * at::get_num_threads();
+  int64_t nsplit = 1;
+  if (decode_only && fast_tile_ok(s) && n_items < want)
+    nsplit = std::min((want + n_items - 1) / n_items, std::max<int64_t>(1, max_ctx / kMinKeysPerSplit));
+  if (nsplit == 1) {
+    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const WorkItem& w = items[i];
+        const int32_t qlen = cu_seqlens_q[w.seq + 1] - cu_seqlens_q[w.seq];
+        const int64_t first_pos = context_lens[w.seq] - qlen;
+        attend_tile_any(q, k_cache, v_cache, out, block_tables + w.seq * s.table_stride,
+                        cu_seqlens_q[w.seq], first_pos, w.r0, w.r1, w.kv_head, s);
+      }
+    });
+    return;
+  }
+  const int64_t g = s.num_heads / s.num_kv_heads, D = s.head_dim;
+  const int64_t item_floats = nsplit * g * (D + 2);
+  std::vector<float> partial(static_cast<size_t>(n_items * item_floats));
+  at::parallel_for(0, n_items * nsplit, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / nsplit, sp = task % nsplit;
       const WorkItem& w = items[i];
-      const int32_t qlen = cu_seqlens_q[w.seq + 1] - cu_seqlens_q[w.seq];
-      const int64_t first_pos = context_lens[w.seq] - qlen;
+      const int64_t ctx = context_lens[w.seq];
+      const int64_t chunk = ((ctx + nsplit - 1) / nsplit + 15) / 16 * 16;
+      float* dst = partial.data() + i * item_floats + sp * g * (D + 2);
       attend_tile_any(q, k_cache, v_cache, out, block_tables + w.seq * s.table_stride,
-                  cu_seqlens_q[w.seq], first_pos, w.r0, w.r1, w.kv_head, s);
+                      cu_seqlens_q[w.seq], ctx - 1, 0, 1, w.kv_head, s, sp * chunk,
+                      (sp + 1) * chunk, dst);
     }
   });
+  for (int64_t i = 0; i < n_items; ++i) {
+    const WorkItem& w = items[i];
+    combine_splits(partial.data() + i * item_floats, out, g, nsplit, D, cu_seqlens_q[w.seq],
+                   w.kv_head * g, s.out_row_stride);
+  }
 }
 
 void check_attention_inputs(const Tensor& k_cache, const Tensor& v_cache,
