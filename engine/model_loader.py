@@ -45,7 +45,7 @@ def load_model(
     config, arch = load_hf_config(path)
     args = LlamaArgs.from_hf_config(config, arch)
     with torch.device("meta"):
-        model = LlamaForCausalLM(args, rotary=None)
+        model = MODEL_REGISTRY[arch](args, rotary=None)
     model = model.to_empty(device=device)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

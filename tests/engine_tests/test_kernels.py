@@ -425,7 +425,7 @@ def test_cpu_tensors_without_interpreter_are_refused():
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal; on CUDA the benchmark would run")
 def test_decode_benchmark_refuses_without_cuda(capsys):
-    from engine.kernels import bench_decode
+    from pdserve.bench import triton_decode as bench_decode
 
     assert bench_decode.main(["--peak-gbps", "1000"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err

@@ -5,7 +5,7 @@ This measures the paged Triton kernel's achieved bandwidth (K/V bytes read / ker
 a given peak, next to torch's scaled_dot_product_attention on K/V already gathered into contiguous
 tensors (the gather itself is not timed, which flatters SDPA).
 
-    python -m engine.kernels.bench_decode --peak-gbps 3350 --out decode_bench.json
+    python -m pdserve.bench.triton_decode --peak-gbps 3350 --out decode_bench.json
 
 Times are medians from triton.testing.do_bench, which clears the L2 cache between runs. The
 launcher runs with validate=False so the value checks' host sync is not part of the timing.
@@ -56,7 +56,7 @@ class Result:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m engine.kernels.bench_decode", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.triton_decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--peak-gbps", type=float, required=True,
                    help="peak memory bandwidth of the GPU in GB/s (e.g. 3350 for H100 SXM)")  # fmt: skip
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_decode measures GPU kernels and needs a CUDA device; none is available.",
+        print("triton_decode measures GPU kernels and needs a CUDA device; none is available.",
               file=sys.stderr)  # fmt: skip
         return 2
     budget = args.max_gib * 2**30 if args.max_gib else 0.8 * torch.cuda.mem_get_info()[0]
