@@ -31,8 +31,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         logits = logits[:, : self.vocab_size].float().cpu()  # (S, V)
         raw = logits
-        logits = self._apply_penalties(logits.clone(), requests)
-        self._mask_early_stop(logits, requests)
+        if any(_edits_logits(r) for r in requests):  # keep `raw` for logprobs
+            logits = self._apply_penalties(logits.clone(), requests)
+            self._mask_early_stop(logits, requests)
         tokens = self._draw(logits, requests)
         return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, requests))
 
@@ -111,6 +112,17 @@ class Sampler:
             )
             out.append((chosen[i], top))
         return out
+
+
+def _edits_logits(r: Request) -> bool:
+    """Penalties or min_tokens masking change this request's row before the draw."""
+    p = r.params
+    return bool(
+        p.presence_penalty
+        or p.frequency_penalty
+        or p.repetition_penalty != 1.0
+        or r.num_output_tokens < p.min_tokens
+    )
 
 
 def _filter(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

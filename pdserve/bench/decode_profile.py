@@ -118,6 +118,8 @@ def profile_batch(engine: LLMEngine, batch: int, context: int, repeats: int) -> 
                 q, kv[0], kv[1], meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125
             )
 
+    logits = runner.execute(sched)
+    out["sampler_ms"] = _time(lambda: engine.sampler(logits, requests), repeats) * 1e3
     out["matmul_packed_ms"] = _time(packed, repeats) * 1e3
     out["matmul_torch_ms"] = _time(torch_mm, repeats) * 1e3
     out["attention_ms"] = _time(attention, repeats) * 1e3
