@@ -42,7 +42,6 @@ class InputBatch:
         self.known = np.zeros(max_rows, dtype=np.int64)
         self.rows: dict[object, int] = {}
         self._lists: list[list[int] | None] = [None] * max_rows
-        self._owner: list[object | None] = [None] * max_rows
         self._free = list(range(max_rows - 1, -1, -1))
 
     @property
@@ -87,7 +86,6 @@ class InputBatch:
         if row is None:
             row = self._take_row(step_requests)
             self.rows[request] = row
-            self._owner[row] = request
             self._lists[row] = None
         ids = request.block_ids
         if self._lists[row] is not ids:  # new request, or its blocks were freed and reallocated
@@ -111,7 +109,6 @@ class InputBatch:
             for request, row in list(self.rows.items()):
                 if id(request) not in in_step:
                     del self.rows[request]
-                    self._owner[row] = None
                     self._lists[row] = None
                     self._free.append(row)
         if not self._free:

@@ -42,13 +42,7 @@ class Sampler:
         torch.rand((), generator=generator)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        rows = [
-            i
-            for i, r in enumerate(requests)
-            if r.params.presence_penalty
-            or r.params.frequency_penalty
-            or r.params.repetition_penalty != 1.0
-        ]
+        rows = [i for i, r in enumerate(requests) if _has_penalties(r.params)]
         for i in rows:  # only rows that ask for penalties pay for them
             p = requests[i].params
             out_ids = torch.tensor(requests[i].output_token_ids, dtype=torch.long)
@@ -114,15 +108,13 @@ class Sampler:
         return out
 
 
+def _has_penalties(p) -> bool:
+    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+
+
 def _edits_logits(r: Request) -> bool:
     """Penalties or min_tokens masking change this request's row before the draw."""
-    p = r.params
-    return bool(
-        p.presence_penalty
-        or p.frequency_penalty
-        or p.repetition_penalty != 1.0
-        or r.num_output_tokens < p.min_tokens
-    )
+    return _has_penalties(r.params) or r.num_output_tokens < r.params.min_tokens
 
 
 def _filter(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

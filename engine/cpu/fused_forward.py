@@ -67,18 +67,18 @@ def _flatten_weights(model: LlamaForCausalLM, pack) -> list[torch.Tensor]:
         attn, mlp = layer.self_attn, layer.mlp
         out += [
             layer.input_layernorm.weight,
-            pack(attn.qkv_proj.weight.detach().contiguous()),
+            pack(attn.qkv_proj.weight.detach()),
             attn.qkv_proj.bias if attn.qkv_proj.bias is not None else _EMPTY,
             attn.q_norm.weight if attn.q_norm is not None else _EMPTY,
             attn.k_norm.weight if attn.k_norm is not None else _EMPTY,
-            pack(attn.o_proj.weight.detach().contiguous()),
+            pack(attn.o_proj.weight.detach()),
             layer.post_attention_layernorm.weight,
-            pack(mlp.gate_up_proj.weight.detach().contiguous()),
-            pack(mlp.down_proj.weight.detach().contiguous()),
+            pack(mlp.gate_up_proj.weight.detach()),
+            pack(mlp.down_proj.weight.detach()),
         ]
     out += [
         model.embed_tokens.weight,
         model.norm.weight,
-        pack(model.lm_head.weight.detach().contiguous()),
+        pack(model.lm_head.weight.detach()),
     ]
-    return [w.detach().contiguous() for w in out]
+    return [w.detach().contiguous() for w in out]  # the C++ side reads raw pointers
