@@ -502,8 +502,8 @@ AttnShape make_shape(int64_t num_heads, const Tensor& k_cache, const Tensor& blo
 // ---------------------------------------------------------------------------------------------
 // A decode step multiplies a few rows by every weight (a stream over the weights, bound by
 // memory bandwidth); a prefill chunk multiplies many (bound by FMA throughput). Measured here,
-// torch's BLAS reaches ~9 GB/s on the first and ~50 GFLOP/s at 64 rows on these shapes; the
-// packed kernel below does ~14 GB/s and ~165 GFLOP/s (docs/benchmarks.md).
+// torch's BLAS takes about twice as long as the packed kernel below on both (measured with
+// `python -m pdserve.bench.decode_profile`, docs/benchmarks.md).
 
 #ifdef __AVX512F__
 constexpr bool kHaveAvx512 = true;
