@@ -10,6 +10,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from contract.text import TextStream
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -40,6 +41,7 @@ class Request:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     generator: object | None = None  # torch.Generator when params.seed is set
+    text: TextStream | None = None  # with stop strings: the detokenized output, matched as it grows
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contract.text import TextStream
 from engine.request import Request
 
 
@@ -23,27 +24,32 @@ class StopChecker:
         p = request.params
         token = request.all_token_ids[-1]
         n_out = request.num_output_tokens
+        if p.stop:
+            hit = self._stop_string(request, token)
+            if hit is not None:
+                return Stop("stop", hit)
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 return Stop("stop", token)
             if not p.ignore_eos and token in self.eos_token_ids:
                 return Stop("stop", None)
-            if p.stop:
-                hit = self._stop_string(request)
-                if hit is not None:
-                    return Stop("stop", hit)
         if p.max_tokens is not None and n_out >= p.max_tokens:
             return Stop("length")
         if request.num_tokens >= self.max_model_len:
             return Stop("length")
         return None
 
-    def _stop_string(self, request: Request) -> str | None:
-        # Only the tail can hold a new match: enough tokens to cover the longest stop string.
-        longest = max(len(s) for s in request.params.stop)
-        tail = request.output_token_ids[-(longest + 4) :]
-        text = self.tokenizer.decode(tail, skip_special_tokens=request.params.skip_special_tokens)
-        for s in request.params.stop:
-            if s in text:
-                return s
-        return None
+    def _stop_string(self, request: Request, token: int) -> str | None:
+        """Feeds the request's text stream (the gateway's matcher, `contract.text`)."""
+        if request.text is None:
+            p = request.params
+            request.text = TextStream(
+                self.tokenizer,
+                request.prompt_token_ids,
+                p.stop,
+                include_stop_str_in_output=p.include_stop_str_in_output,
+                skip_special_tokens=p.skip_special_tokens,
+                min_tokens=p.min_tokens,
+            )
+        request.text.add(token)
+        return request.text.matched

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.detokenizer import Decoder, IncrementalDetokenizer
+from contract.text import Decoder, TextStream
 from gateway.schema import ChoiceDelta, FinishReason, GenerationParams, TokenLogprob
-from gateway.stop_strings import StopStringMatcher
 
 
 class ChoiceOutput:
@@ -20,8 +19,14 @@ class ChoiceOutput:
         self, index: int, tokenizer: Decoder, prompt_ids: Sequence[int], params: GenerationParams
     ) -> None:
         self.index = index
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
-        self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self._text = TextStream(
+            tokenizer,
+            prompt_ids,
+            params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            skip_special_tokens=params.skip_special_tokens,
+            min_tokens=params.min_tokens,
+        )
         self._stop_token_ids = frozenset(params.stop_token_ids)
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
@@ -43,11 +48,11 @@ class ChoiceOutput:
         delta = ChoiceDelta(self.index, taken, text)
         if logprobs is not None:
             delta.logprobs = list(logprobs[: len(taken)])
-        if self._stops.matched is not None:
-            delta.finish_reason, delta.stop_reason = "stop", self._stops.matched
+        if self._text.matched is not None:
+            delta.finish_reason, delta.stop_reason = "stop", self._text.matched
         elif finish_reason is not None:
-            delta.text += self._flush()
-            delta.finish_reason = "stop" if self._stops.matched is not None else finish_reason
+            delta.text += self._text.flush()
+            delta.finish_reason = "stop" if self._text.matched is not None else finish_reason
             delta.stop_reason = self._stop_reason(finish_reason)
         self.finish_reason = delta.finish_reason
         return delta
@@ -62,19 +67,15 @@ class ChoiceOutput:
         pieces: list[str] = []
         for token_id in token_ids:
             taken.append(token_id)
-            pieces.append(self._stops.feed(self._detok.add(token_id)))
-            if self._stops.matched is not None:
+            pieces.append(self._text.add(token_id))
+            if self._text.matched is not None:
                 break
         self.token_ids.extend(taken)
         return taken, "".join(pieces)
 
-    def _flush(self) -> str:
-        text = self._stops.feed(self._detok.flush())
-        return text + self._stops.flush()
-
     def _stop_reason(self, finish_reason: FinishReason) -> str | int | None:
-        if self._stops.matched is not None:
-            return self._stops.matched
+        if self._text.matched is not None:
+            return self._text.matched
         last = self.token_ids[-1] if self.token_ids else None
         if finish_reason == "stop" and last in self._stop_token_ids:
             return last

@@ -7,11 +7,10 @@ import random
 import pytest
 from test_gateway_fakes import REPLY, build_tiny_model_folder
 
+from contract.text import IncrementalDetokenizer, StopStringMatcher
 from gateway.choice_output import ChoiceOutput
-from gateway.detokenizer import IncrementalDetokenizer
 from gateway.errors import GatewayError
 from gateway.schema import GenerationParams
-from gateway.stop_strings import StopStringMatcher
 from gateway.tokenizer import GatewayTokenizer
 from gateway.validation import resolve_max_tokens
 
