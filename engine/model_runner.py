@@ -133,8 +133,8 @@ class ModelRunner:
 def _try_fused(model) -> FusedCPUForward | None:
     """The compiled forward, or None (with a warning) where it cannot run on this machine."""
     try:
-        if not cpu.load().has_avx512():
-            log.warning("this CPU has no AVX-512: running the eager forward")
+        if not cpu.load().has_packed_matmul():
+            log.warning("this CPU has neither AVX-512 nor AVX2 with FMA: running the eager forward")
             return None
         return FusedCPUForward(model)
     except RuntimeError as exc:

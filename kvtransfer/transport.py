@@ -70,12 +70,12 @@ def split(items: list[int], n: int) -> list[list[int]]:
     return [items[i * len(items) // n : (i + 1) * len(items) // n] for i in range(n)]
 
 
-async def finish_even_if_cancelled(fn, *args) -> None:
-    """Run fn(*args) in a thread; if the caller is cancelled, still wait for it to finish (the
-    destination blocks must not be given back while a copy into them runs)."""
+async def finish_even_if_cancelled(fn, *args):
+    """Run fn(*args) in a thread and return its result; if the caller is cancelled, still wait
+    for it to finish (the destination blocks must not be given back while a copy into them runs)."""
     future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
     try:
-        await asyncio.shield(future)
+        return await asyncio.shield(future)
     except asyncio.CancelledError:
         await asyncio.wait([future])
         raise

@@ -15,6 +15,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "pdserve.commands.serve", "start a local cluster (gateway + prefill + decode)"),
     ("prefill", "pdserve.commands.prefill", "run a prefill worker"),
     ("decode", "pdserve.commands.decode", "run a decode worker"),
+    ("both", "pdserve.commands.both", "run a worker in both roles (prefill and decode)"),
     ("gateway", "pdserve.commands.gateway", "run the gateway (gRPC + OpenAI HTTP routes)"),
     ("generate", "pdserve.commands.generate", "offline generation with the LLM API"),
     ("convert", "pdserve.commands.convert", "convert the default GGUF model to a HF folder"),

@@ -1,4 +1,5 @@
-"""Flags and the main loop of `pdserve prefill` and `pdserve decode` (one worker, one role)."""
+"""Flags and the main loop of `pdserve prefill`, `pdserve decode` and `pdserve both` (one worker,
+one role)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 
 from rpc.server import add_server_args
 
-DEFAULT_PORTS = {"prefill": 50061, "decode": 50071}
+DEFAULT_PORTS = {"prefill": 50061, "decode": 50071, "both": 50081}
 
 
 def transport_choices() -> tuple[str, ...]:
@@ -27,10 +28,12 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str) -> None:
     )
     add_engine_args(parser)
     g = parser.add_argument_group("kv transfer")
-    if role == "prefill":
+    if role in ("prefill", "both"):
         _add_prefill_kv_args(g)
-    else:
+    if role == "decode":
         _add_decode_kv_args(g)
+    if role == "both":
+        _add_chunk_arg(g)
 
 
 def _add_prefill_kv_args(g) -> None:
@@ -62,14 +65,25 @@ def _add_decode_kv_args(g) -> None:
         choices=transport_choices(),
         help="auto: shared memory with a prefill worker on this host, else gRPC",
     )
+    _add_chunk_arg(g)
+
+
+def _add_chunk_arg(g) -> None:
     g.add_argument(
         "--kv-max-chunk-bytes", type=int, default=0, help="0: server default (1 MiB, the cap)"
     )
 
 
 def config_from_args(role: str, args: argparse.Namespace):
-    from worker.config import DecodeWorkerConfig, PrefillWorkerConfig
+    from worker.config import BothWorkerConfig, DecodeWorkerConfig, PrefillWorkerConfig
 
+    if role == "both":
+        return BothWorkerConfig(
+            prefill=config_from_args("prefill", args),
+            decode=config_from_args("decode", args),
+            engine_id=args.engine_id,
+            drain_timeout_s=args.drain_timeout,
+        )
     if role == "prefill":
         return PrefillWorkerConfig(
             lease_ms=args.kv_lease_ms,
@@ -104,7 +118,7 @@ def run(role: str, args: argparse.Namespace, engine_config) -> int:
     async def main() -> None:
         server = await start_worker_server(engine, config, options)
         port = server.running.port
-        where = f"{options.host}:{port}" if role == "prefill" else server.address
+        where = f"{options.host}:{port}" if role != "decode" else server.address
         await serve_until_signal(server, f"pdserve {role} listening on {where}")
 
     asyncio.run(main())

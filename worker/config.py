@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kvtransfer.transports import TRANSPORT_CHOICES
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "both")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,5 +47,21 @@ class DecodeWorkerConfig:
             )
         if self.max_chunk_bytes < 0:
             raise ValueError(f"max_chunk_bytes must be >= 0, got {self.max_chunk_bytes}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class BothWorkerConfig:
+    """One engine in both roles (vLLM's `kv_both`): it prefills for other decode workers, decodes
+    what other prefill workers computed, and runs both halves of a request itself, copying its own
+    handles in-process instead of pulling them."""
+
+    prefill: PrefillWorkerConfig = PrefillWorkerConfig()
+    decode: DecodeWorkerConfig = DecodeWorkerConfig()
+    engine_id: str | None = None
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")

@@ -13,6 +13,7 @@ from engine.engine import EngineStats, LLMEngine
 from engine.engine_loop import EngineLoop, RequestStream
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from kvtransfer.exporter import KVExporter, WorkerIdentity
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout
 from kvtransfer.pages import PagedKV
@@ -51,10 +52,22 @@ class _Active:
 class DecodeWorker:
     role = "decode"
 
-    def __init__(self, engine: LLMEngine, config: DecodeWorkerConfig) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        config: DecodeWorkerConfig,
+        *,
+        engine_loop: EngineLoop | None = None,
+        identity: WorkerIdentity | None = None,
+        local_exporter: KVExporter | None = None,
+    ) -> None:
+        """`engine_loop`/`identity`/`local_exporter` given: the decode role of a `both` worker,
+        sharing the engine with its prefill role; handles that role issued are copied in-process
+        instead of pulled. Whoever made the loop starts and stops it."""
         self.config = config
-        self.engine_loop = EngineLoop(engine, name="decode-engine")
-        self.identity = new_identity(self.role, config.engine_id)
+        self._owns_loop = engine_loop is None
+        self.engine_loop = engine_loop or EngineLoop(engine, name="decode-engine")
+        self.identity = identity or new_identity(self.role, config.engine_id)
         layout = KVLayout.from_spec(engine.kv_spec, engine.model_fingerprint)
         self.paged = PagedKV(engine.kv_cache, layout)
         self.importer = KVImporter(
@@ -64,6 +77,7 @@ class DecodeWorker:
             transport=config.kv_transport,
             credentials=channel_credentials(config.peer_tls_ca),
             max_chunk_bytes=config.max_chunk_bytes,
+            local_exporter=local_exporter,
         )
         self.serving = False
         self._active: dict[str, _Active] = {}
@@ -71,7 +85,8 @@ class DecodeWorker:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.engine_loop.start()
+        if self._owns_loop:
+            self.engine_loop.start()
         self.serving = True
         log.info(
             "decode worker ready engine_id=%s transport=%s",
@@ -88,7 +103,8 @@ class DecodeWorker:
 
     async def close(self) -> None:
         await self.importer.close()
-        self.engine_loop.stop()
+        if self._owns_loop:
+            self.engine_loop.stop()
 
     # -- requests ------------------------------------------------------------------------------
 

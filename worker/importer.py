@@ -19,9 +19,11 @@ import grpc
 from engine.engine_loop import EngineLoop, RequestStream
 from engine.sampling_params import SamplingParams
 from kvtransfer.client import KVTransferClient, PullResult
+from kvtransfer.exporter import KVExporter, ReadRequest
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import IncompatibleLayoutError
 from kvtransfer.pages import PagedKV
+from kvtransfer.transport import finish_even_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,10 @@ class KVImporter:
         transport: str,
         credentials: grpc.ChannelCredentials | None,
         max_chunk_bytes: int,
+        local_exporter: KVExporter | None = None,
     ) -> None:
         self._loop = engine_loop
+        self._local = local_exporter  # our own prefill role's blocks (a `both` worker)
         self._paged = paged
         self._host_id = local_host_id
         self._transport = transport
@@ -124,6 +128,8 @@ class KVImporter:
 
     async def _pull(self, call: ImportCall, src: list[int], dst: list[int]) -> PullResult:
         handle = call.handle
+        if self._is_local(handle):
+            return await self._copy_local(handle, src, dst)
         client = self._client(handle.kv_endpoint)
         keepalive = asyncio.create_task(self._keep_lease(client, handle))
         try:
@@ -137,6 +143,30 @@ class KVImporter:
         self.seconds_pulling += result.seconds
         n = self.pulls_by_transport.get(result.transport, 0)
         self.pulls_by_transport[result.transport] = n + 1
+        return result
+
+    def _is_local(self, handle: KVHandle) -> bool:
+        return self._local is not None and handle.engine_id == self._local.identity.engine_id
+
+    async def _copy_local(self, handle: KVHandle, src: list[int], dst: list[int]) -> PullResult:
+        """A handle our own prefill role issued: the pages are in this pool already, so they are
+        copied block to block under the pinned lease (same checks as a remote read)."""
+        exporter = self._local
+        assert exporter is not None
+        request = ReadRequest(handle.transfer_id, tuple(src), (), handle.epoch, handle.compat_hash)
+        start = time.perf_counter()
+
+        def copy() -> int:
+            with exporter.open_read(request) as plan:
+                pages = self._paged.gather(plan.layers, plan.block_ids)
+                self._paged.scatter(plan.layers, dst, pages)
+                return pages.numel()
+
+        moved = await finish_even_if_cancelled(copy)
+        result = PullResult("local", moved, time.perf_counter() - start)
+        self.bytes_pulled += result.num_bytes
+        self.seconds_pulling += result.seconds
+        self.pulls_by_transport["local"] = self.pulls_by_transport.get("local", 0) + 1
         return result
 
     async def _keep_lease(self, client: KVTransferClient, handle: KVHandle) -> None:
@@ -158,6 +188,11 @@ class KVImporter:
         task.add_done_callback(self._background.discard)
 
     async def _release(self, handle: KVHandle) -> None:
+        if self._is_local(handle):
+            assert self._local is not None
+            released = self._local.leases.release(handle.transfer_id)
+            log.info("kv lease released transfer_id=%s released=%s", handle.transfer_id, released)
+            return
         try:
             released = await self._client(handle.kv_endpoint).release(handle.transfer_id)
             log.info("kv lease released transfer_id=%s released=%s", handle.transfer_id, released)

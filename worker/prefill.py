@@ -17,7 +17,7 @@ from engine.engine import EngineStats, LLMEngine
 from engine.engine_loop import EngineLoop, RequestStream
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from kvtransfer.exporter import KVExporter
+from kvtransfer.exporter import KVExporter, WorkerIdentity
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout
 from kvtransfer.lease import FreeReason, Lease, LeaseConfig, LeaseTable
@@ -58,15 +58,25 @@ class PrefillOutcome:
 class PrefillWorker:
     role = "prefill"
 
-    def __init__(self, engine: LLMEngine, config: PrefillWorkerConfig) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        config: PrefillWorkerConfig,
+        *,
+        engine_loop: EngineLoop | None = None,
+        identity: WorkerIdentity | None = None,
+    ) -> None:
+        """`engine_loop`/`identity` given: shared with a decode role on the same engine (`both`);
+        whoever made the loop starts and stops it."""
         if config.fill_freed_kv and engine.config.enable_prefix_caching:
             raise ValueError(
                 "fill_freed_kv overwrites freed blocks, which the prefix cache may share: "
                 "use it with prefix caching disabled"
             )
         self.config = config
-        self.engine_loop = EngineLoop(engine, name="prefill-engine")
-        self.identity = new_identity(self.role, config.engine_id)
+        self._owns_loop = engine_loop is None
+        self.engine_loop = engine_loop or EngineLoop(engine, name="prefill-engine")
+        self.identity = identity or new_identity(self.role, config.engine_id)
         layout = KVLayout.from_spec(engine.kv_spec, engine.model_fingerprint)
         self.paged = PagedKV(engine.kv_cache, layout)
         self.leases = LeaseTable(
@@ -84,7 +94,8 @@ class PrefillWorker:
         if not self.kv_endpoint:
             host = socket.gethostname() if bound_host in ("0.0.0.0", "::", "[::]") else bound_host
             self.kv_endpoint = f"{host}:{bound_port}"
-        self.engine_loop.start()
+        if self._owns_loop:
+            self.engine_loop.start()
         self.leases.start_reaper()
         self.serving = True
         log.info(
@@ -105,7 +116,8 @@ class PrefillWorker:
 
     async def close(self) -> None:
         self.leases.close()  # frees every remaining lease (while the engine loop still runs)
-        self.engine_loop.stop()
+        if self._owns_loop:
+            self.engine_loop.stop()
         if self.exporter.shm is not None:
             self.exporter.shm.close()
 

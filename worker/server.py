@@ -2,6 +2,7 @@
 
 prefill: PrefillService + KVTransferService (decode workers pull the leased blocks)
 decode:  DecodeService (pulls KV from prefill workers, or prefills locally)
+both:    all three, over one engine
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from kvtransfer.service import KVTransferServicer
 from kvtransfer.service import add_to_server as add_kv_service
 from protos.pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
 from rpc.server import RunningServer, ServerOptions, start_server
-from worker.config import DecodeWorkerConfig, PrefillWorkerConfig
+from worker.both import BothWorker
+from worker.config import BothWorkerConfig, DecodeWorkerConfig, PrefillWorkerConfig
 from worker.decode import DecodeWorker
 from worker.prefill import PrefillWorker
 from worker.servicer import DecodeServicer, PrefillServicer
@@ -30,14 +32,14 @@ class WorkerServer:
 
     def __init__(
         self,
-        worker: PrefillWorker | DecodeWorker,
+        worker: PrefillWorker | DecodeWorker | BothWorker,
         running: RunningServer,
         address: str,
         kv_servicer: KVTransferServicer | None = None,
     ) -> None:
         self.worker = worker
         self.running = running
-        self.address = address  # prefill: the KV endpoint put in handles
+        self.address = address  # prefill, both: the KV endpoint put in handles
         self.kv_servicer = kv_servicer
 
     @property
@@ -85,10 +87,40 @@ async def start_decode_server(
     return WorkerServer(worker, running, f"{options.host}:{running.port}")
 
 
+async def start_both_server(
+    engine: LLMEngine, config: BothWorkerConfig, options: ServerOptions
+) -> WorkerServer:
+    worker = BothWorker(engine, config)
+    kv = KVTransferServicer(
+        worker.prefill.exporter, transfer_delay_s=config.prefill.transfer_delay_ms / 1000
+    )
+
+    def register(server) -> list[str]:
+        worker_pb2_grpc.add_PrefillServiceServicer_to_server(
+            PrefillServicer(worker.prefill), server
+        )
+        worker_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(worker.decode), server)
+        add_kv_service(server, kv)
+        return [
+            _service(worker_pb2, "PrefillService"),
+            _service(worker_pb2, "DecodeService"),
+            _service(kvtransfer_pb2, "KVTransferService"),
+        ]
+
+    running = await start_server(options, register)
+    worker.start(options.host, running.port)
+    return WorkerServer(worker, running, worker.kv_endpoint, kv)
+
+
+WorkerConfig = PrefillWorkerConfig | DecodeWorkerConfig | BothWorkerConfig
+
+
 async def start_worker_server(
-    engine: LLMEngine, config: PrefillWorkerConfig | DecodeWorkerConfig, options: ServerOptions
+    engine: LLMEngine, config: WorkerConfig, options: ServerOptions
 ) -> WorkerServer:
     """The worker whose role the config names."""
     if isinstance(config, PrefillWorkerConfig):
         return await start_prefill_server(engine, config, options)
+    if isinstance(config, BothWorkerConfig):
+        return await start_both_server(engine, config, options)
     return await start_decode_server(engine, config, options)

@@ -14,8 +14,9 @@ from engine import cpu
 from engine.kernels import reference
 
 ext = cpu.load()
-needs_avx512 = pytest.mark.skipif(
-    not ext.has_avx512(), reason="the packed matmul and the fused forward need AVX-512"
+needs_packed = pytest.mark.skipif(
+    not ext.has_packed_matmul(),
+    reason="the packed matmul and the fused forward need AVX-512 or AVX2 with FMA"
 )
 
 
@@ -115,7 +116,7 @@ def test_rotary_rejects_positions_past_the_table():
         ext.rotary_embedding(torch.tensor([16]), q, k, rot.cos, rot.sin)
 
 
-@needs_avx512
+@needs_packed
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 17, 64, 70, 130])
 @pytest.mark.parametrize("N,K", [(7, 64), (130, 72), (96, 576), (33, 5)])
 def test_packed_linear_matches_torch(M, N, K):

@@ -55,7 +55,7 @@ def pair(request, tiny_model_factory):
             enforce_eager=mode == "eager",
         )
     )
-    fused_expected = mode == "fused" and cpu.load().has_avx512()
+    fused_expected = mode == "fused" and cpu.load().has_packed_matmul()
     assert (engine.runner.fused is not None) == fused_expected, engine.runner.describe()
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return engine, hf

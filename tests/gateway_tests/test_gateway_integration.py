@@ -257,3 +257,34 @@ def test_seeded_sampling_equals_single_process(cluster, tiny_llama):
             LONG_PROMPT, GenerationOptions(max_tokens=10, temperature=1.0, seed=4242, ignore_eos=True)
         )
     assert result.choices[0].token_ids == expected
+
+
+def test_one_both_worker_behind_the_gateway(tiny_llama, offline, tmp_path):
+    """`pdserve both` named as the gateway's prefill and its decode worker: the long prompt is
+    prefilled remotely (on it) and decoded on it, greedy text equal to offline, blocks all back."""
+    b = Worker("both", tiny_llama, tmp_path / "both.log", "--kv-lease-ms", "20000")
+    g = None
+    try:
+        b.wait_listening()
+        g = GatewayProcess(tiny_llama, b.address, b.address, tmp_path / "gateway.log")
+        g.wait_listening()
+        wait_healthy(g.http)
+        client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused")
+        before = remote_prefills(g.http)
+        for prompt in (LONG_PROMPT, SHORT_PROMPT):
+            out = client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0
+            )
+            assert out.choices[0].text == offline[prompt].text, prompt
+        assert remote_prefills(g.http) == before + 1
+        with grpc.insecure_channel(b.address) as channel:
+            for stub in (
+                worker_pb2_grpc.PrefillServiceStub(channel),
+                worker_pb2_grpc.DecodeServiceStub(channel),
+            ):
+                state = wait_clean(stub)
+                assert state.num_free_blocks == state.num_blocks and state.num_held_leases == 0
+    finally:
+        codes = [g.terminate()] if g is not None else []
+        codes.append(b.terminate())
+        assert codes == [0] * len(codes), (codes, b.log_tail())

@@ -65,7 +65,8 @@ class Worker:
         raise TimeoutError(f"worker did not start: {self.log_tail()}")
 
     def log_tail(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()[-3000:]
 
     def terminate(self, timeout: float = 30.0) -> int:

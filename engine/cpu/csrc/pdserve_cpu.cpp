@@ -11,7 +11,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -338,6 +338,26 @@ void attend_tile_avx512(const float* q, const float* k_cache, const float* v_cac
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// exp of 8 lanes (the polynomial of exp_nonpos), for x in [-87, 88]; clamped outside.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+#endif
+
 bool fast_tile_ok(const AttnShape& s) {
 #ifdef __AVX512F__
   return s.block_size % 16 == 0 &&
@@ -574,11 +594,79 @@ void packed_matmul(const float* x, const float* packed, const float* bias, float
     }
   });
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr bool kHaveAvx512 = false;
+
+// The same packed panels through 8-lane AVX2 registers: a 32-column panel row is four vectors,
+// so a micro-tile of kMR rows keeps 4 * kMR accumulators (16 registers in all: kMR = 3 leaves
+// the weights to memory operands of the FMAs, which the load ports absorb).
+constexpr int64_t kPanel = 32;
+constexpr int64_t kMR = 3;
+constexpr int64_t kRowBlock = 63;
+
+template <int MR>
+inline void panel_tile(const float* x, const float* panel, const float* bias, float* y, int64_t K,
+                       int64_t ldy, int64_t n0, int64_t ncols, int64_t m0) {
+  __m256 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  const float* xr = x + m0 * K;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kPanel;
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xb = _mm256_broadcast_ss(xr + i * K + k);
+      for (int j = 0; j < 4; ++j)
+        acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8 * j), xb, acc[i][j]);
+    }
+  }
+  alignas(32) float b[kPanel] = {};
+  if (bias != nullptr) std::memcpy(b, bias + n0, ncols * sizeof(float));
+  for (int i = 0; i < MR; ++i) {
+    float* yr = y + (m0 + i) * ldy + n0;
+    if (ncols == kPanel) {
+      for (int j = 0; j < 4; ++j)
+        _mm256_storeu_ps(yr + 8 * j, _mm256_add_ps(acc[i][j], _mm256_load_ps(b + 8 * j)));
+    } else {
+      alignas(32) float row[kPanel];
+      for (int j = 0; j < 4; ++j)
+        _mm256_store_ps(row + 8 * j, _mm256_add_ps(acc[i][j], _mm256_load_ps(b + 8 * j)));
+      std::memcpy(yr, row, ncols * sizeof(float));
+    }
+  }
+}
+
+void packed_matmul(const float* x, const float* packed, const float* bias, float* y, int64_t M,
+                   int64_t N, int64_t K, int64_t ldy) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, panels * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task % panels, rb = task / panels;
+      const float* panel = packed + p * K * kPanel;
+      const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
+      const int64_t lo = rb * kRowBlock, hi = std::min(M, lo + kRowBlock);
+      int64_t m0 = lo;
+      for (; m0 + kMR <= hi; m0 += kMR) panel_tile<kMR>(x, panel, bias, y, K, ldy, n0, ncols, m0);
+      switch (hi - m0) {
+        case 2: panel_tile<2>(x, panel, bias, y, K, ldy, n0, ncols, m0); break;
+        case 1: panel_tile<1>(x, panel, bias, y, K, ldy, n0, ncols, m0); break;
+        default: break;
+      }
+    }
+  });
+}
 #else
 constexpr int64_t kPanel = 32;
 void packed_matmul(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
                    int64_t) {}
 constexpr bool kHaveAvx512 = false;
+#define PDSERVE_NO_PACKED_MATMUL
+#endif
+
+#ifdef PDSERVE_NO_PACKED_MATMUL
+constexpr bool kHavePackedMatmul = false;
+#else
+constexpr bool kHavePackedMatmul = true;
 #endif
 
 // (N, K) weight -> (ceil(N / kPanel), K, kPanel) panels, zero-padded.
@@ -680,6 +768,14 @@ void silu_mul_rows(float* out, const float* x, int64_t rows, int64_t I) {
         const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
         _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
       }
+#elif defined(__AVX2__) && defined(__FMA__)
+      const __m256 one = _mm256_set1_ps(1.0f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+      }
 #endif
       for (; i < I; ++i) {
         const float gv = gate[i];
@@ -780,7 +876,7 @@ void rotary_embedding(const Tensor& positions, Tensor& q, Tensor& k, const Tenso
 Tensor packed_linear(const Tensor& x, const Tensor& w_packed, int64_t n, const Tensor& bias) {
   check_f32_contig(x, "x");
   check_f32_contig(w_packed, "packed weight");
-  TORCH_CHECK(kHaveAvx512, "the packed matmul needs AVX-512");
+  TORCH_CHECK(kHavePackedMatmul, "the packed matmul needs AVX-512 or AVX2 with FMA");
   TORCH_CHECK(w_packed.dim() == 3 && w_packed.size(2) == kPanel && w_packed.size(1) == x.size(1) &&
                   w_packed.size(0) * kPanel >= n,
               "packed weight must be (panels, K, ", kPanel, ") for x's K");
@@ -817,7 +913,7 @@ Tensor forward(const Tensor& input_ids, const Tensor& positions, const Tensor& s
                const Tensor& cu_seqlens_q, const Tensor& logits_indices, Tensor& kv_cache,
                const std::vector<Tensor>& weights, const Tensor& cos, const Tensor& sin,
                int64_t num_heads, int64_t intermediate, int64_t vocab, double eps) {
-  TORCH_CHECK(kHaveAvx512, "the fused CPU forward needs AVX-512");
+  TORCH_CHECK(kHavePackedMatmul, "the fused CPU forward needs AVX-512 or AVX2 with FMA");
   check_f32_contig(kv_cache, "kv_cache");
   TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(1) == 2,
               "kv_cache must be (L, 2, num_blocks, block_size, num_kv_heads, head_dim)");
@@ -909,6 +1005,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place on q and k");
   m.def("silu_and_mul", &silu_and_mul);
   m.def("has_avx512", []() { return kHaveAvx512; });
+  m.def("has_packed_matmul", []() { return kHavePackedMatmul; },
+        "whether this build has the packed matmul (AVX-512, or AVX2 with FMA) the forward needs");
   m.def("pack_weight", &pack_weight);
   m.def("packed_linear", &packed_linear, "x @ w.T + bias with w from pack_weight", release());
   m.def("forward", &forward, "the whole decoder forward; logits of the sampled rows", release());
