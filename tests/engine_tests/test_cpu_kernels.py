@@ -64,6 +64,17 @@ def test_paged_attention_matches_reference(ctx_lens, query_lens, heads, kv_heads
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("head_dim", [16, 48, 128])  # 48: no vector tile, the portable loop
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_paged_attention_other_head_dims(head_dim, block_size):
+    ctx_lens, query_lens = [17, 200, 3, 48], [1, 50, 3, 1]
+    q, kc, vc, tables, ctx, cu = _case(ctx_lens, query_lens, 9, 3, head_dim, block_size, seed=1)
+    scale = head_dim**-0.5
+    out = ext.paged_attention(q, kc, vc, tables, ctx, cu, scale)
+    ref = reference.paged_prefill_attention_ref(q, kc, vc, tables, cu, ctx, scale)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_paged_attention_rejects_bad_block_ids():
     q, kc, vc, tables, ctx, cu = _case([40], [1], 4, 2, 16, 16)
     tables[0, 1] = kc.shape[0]

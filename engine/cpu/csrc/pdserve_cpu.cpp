@@ -356,6 +356,147 @@ inline __m256 exp256(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
+
+// Lane sums and maxima of 8-lane registers.
+inline float hadd8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+
+// r[i] = sum of the 8 lanes of v[i]: two rounds of pairwise adds, then the two 128-bit halves.
+inline __m256 hsum8(const __m256* v) {
+  const __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+// The AVX2 counterpart of attend_tile_avx512: head_dim = 8 * DV, keys 8 at a time (block sizes
+// that are multiples of 8), the whole key range (no flash-decoding split).
+template <int DV>
+void attend_tile_avx2(const float* q, const float* k_cache, const float* v_cache, float* out,
+                      const int32_t* table, int64_t q_start_token, int64_t first_pos, int64_t r0,
+                      int64_t r1, int64_t kv_head, const AttnShape& s) {
+  constexpr int64_t D = 8 * DV;
+  const int64_t bs = s.block_size, Hkv = s.num_kv_heads;
+  const int64_t g = s.num_heads / Hkv;
+  const int64_t nq = (r1 - r0) * g;
+  const bool transpose = nq > 8;
+  thread_local std::vector<float> buf;
+  buf.resize(static_cast<size_t>(nq * D * 2 + nq * 2 + D * 8 + nq * 8));
+  float* qs = buf.data();
+  float* acc = qs + nq * D;
+  float* m = acc + nq * D;
+  float* l = m + nq;
+  float* kt = l + nq;      // (D, 8) transposed keys
+  float* sc = kt + D * 8;  // (nq, 8) scores
+  const __m256 vscale = _mm256_set1_ps(s.scale);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < g; ++j) {
+      const float* src = q + (q_start_token + r) * s.q_row_stride + (kv_head * g + j) * D;
+      float* dst = qs + ((r - r0) * g + j) * D;
+      for (int dv = 0; dv < DV; ++dv)
+        _mm256_storeu_ps(dst + 8 * dv, _mm256_mul_ps(_mm256_loadu_ps(src + 8 * dv), vscale));
+    }
+  std::fill(acc, acc + nq * D, 0.0f);
+  std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + nq, 0.0f);
+  const int64_t num_keys = first_pos + r1;
+  const int64_t token_stride = Hkv * D;
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t base = 0; base < num_keys; base += 8) {
+    const int64_t cnt = std::min<int64_t>(8, num_keys - base);
+    const int64_t block = table[base / bs];
+    const int64_t off = (block * bs + base % bs) * token_stride + kv_head * D;
+    const float* kblk = k_cache + off;  // 8 consecutive tokens of one block
+    const float* vblk = v_cache + off;
+    if (transpose) {
+      for (int64_t t = 0; t < cnt; ++t)
+        for (int64_t d = 0; d < D; ++d) kt[d * 8 + t] = kblk[t * token_stride + d];
+      for (int64_t t = cnt; t < 8; ++t)
+        for (int64_t d = 0; d < D; ++d) kt[d * 8 + t] = 0.0f;
+      int64_t qv = 0;
+      for (; qv + 4 <= nq; qv += 4) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const float* q0 = qs + qv * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const __m256 kv = _mm256_loadu_ps(kt + d * 8);
+          a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(q0 + d), kv, a0);
+          a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(q0 + D + d), kv, a1);
+          a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(q0 + 2 * D + d), kv, a2);
+          a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(q0 + 3 * D + d), kv, a3);
+        }
+        _mm256_storeu_ps(sc + qv * 8, a0);
+        _mm256_storeu_ps(sc + (qv + 1) * 8, a1);
+        _mm256_storeu_ps(sc + (qv + 2) * 8, a2);
+        _mm256_storeu_ps(sc + (qv + 3) * 8, a3);
+      }
+      for (; qv < nq; ++qv) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; ++d)
+          a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(qs + qv * D + d), _mm256_loadu_ps(kt + d * 8),
+                               a0);
+        _mm256_storeu_ps(sc + qv * 8, a0);
+      }
+    } else {
+      for (int64_t qv = 0; qv < nq; ++qv) {
+        const float* qr = qs + qv * D;
+        __m256 part[8];
+        for (int t = 0; t < 8; ++t) {
+          if (t >= cnt) {
+            part[t] = _mm256_setzero_ps();
+            continue;
+          }
+          const float* kr = kblk + t * token_stride;
+          __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qr), _mm256_loadu_ps(kr));
+          for (int dv = 1; dv < DV; ++dv)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * dv), _mm256_loadu_ps(kr + 8 * dv), a);
+          part[t] = a;
+        }
+        _mm256_storeu_ps(sc + qv * 8, hsum8(part));
+      }
+    }
+    for (int64_t qv = 0; qv < nq; ++qv) {
+      const int64_t pos = first_pos + r0 + qv / g;
+      const int64_t valid = std::min(cnt, pos - base + 1);
+      if (valid <= 0) continue;
+      const __m256 mask = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(valid)), _CMP_LT_OQ);
+      const __m256 sv = _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(sc + qv * 8), mask);
+      const float mx = std::max(m[qv], hmax8(sv));
+      const float alpha = exp_nonpos(m[qv] - mx);
+      const __m256 p = _mm256_and_ps(mask, exp256(_mm256_sub_ps(sv, _mm256_set1_ps(mx))));
+      l[qv] = l[qv] * alpha + hadd8(p);
+      m[qv] = mx;
+      alignas(32) float pr[8];
+      _mm256_store_ps(pr, p);
+      float* a = acc + qv * D;
+      __m256 av[DV];
+      const __m256 va = _mm256_set1_ps(alpha);
+      for (int dv = 0; dv < DV; ++dv) av[dv] = _mm256_mul_ps(_mm256_loadu_ps(a + 8 * dv), va);
+      for (int64_t t = 0; t < valid; ++t) {
+        const __m256 pt = _mm256_set1_ps(pr[t]);
+        const float* vr = vblk + t * token_stride;
+        for (int dv = 0; dv < DV; ++dv)
+          av[dv] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vr + 8 * dv), av[dv]);
+      }
+      for (int dv = 0; dv < DV; ++dv) _mm256_storeu_ps(a + 8 * dv, av[dv]);
+    }
+  }
+  for (int64_t qv = 0; qv < nq; ++qv) {
+    const int64_t r = r0 + qv / g, j = qv % g;
+    float* dst = out + (q_start_token + r) * s.out_row_stride + (kv_head * g + j) * D;
+    const __m256 inv = _mm256_set1_ps(1.0f / l[qv]);
+    for (int dv = 0; dv < DV; ++dv)
+      _mm256_storeu_ps(dst + 8 * dv, _mm256_mul_ps(_mm256_loadu_ps(acc + qv * D + 8 * dv), inv));
+  }
+}
 #endif
 
 bool fast_tile_ok(const AttnShape& s) {
@@ -384,6 +525,21 @@ void attend_tile_any(const float* q, const float* k_cache, const float* v_cache,
       case 32: PDSERVE_TILE(2);
       case 64: PDSERVE_TILE(4);
       default: PDSERVE_TILE(8);
+    }
+#undef PDSERVE_TILE
+  }
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  if (s.block_size % 8 == 0 && partial == nullptr) {
+#define PDSERVE_TILE(DV)                                                                        \
+  return attend_tile_avx2<DV>(q, k_cache, v_cache, out, table, q_start_token, first_pos, r0, r1, \
+                              kv_head, s)
+    switch (s.head_dim) {
+      case 16: PDSERVE_TILE(2);
+      case 32: PDSERVE_TILE(4);
+      case 64: PDSERVE_TILE(8);
+      case 128: PDSERVE_TILE(16);
+      default: break;
     }
 #undef PDSERVE_TILE
   }
