@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from contract.block_hash import hash_block
+from engine.kv_events import KVEventLog
 
 __all__ = ["BlockPool", "KVCacheBlock", "hash_block"]  # hash_block: the chained content hash
 
@@ -28,7 +29,9 @@ class KVCacheBlock:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, enable_caching: bool = True, events: KVEventLog | None = None
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -39,6 +42,7 @@ class BlockPool:
             (b.block_id, b) for b in self.blocks
         )
         self._cached: dict[int, KVCacheBlock] = {}
+        self.events = events  # told of every hash registered and forgotten (KV events)
 
     @property
     def num_free_blocks(self) -> int:
@@ -94,16 +98,26 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
         self._cached[block_hash] = block
+        if self.events is not None:
+            self.events.stored((block_hash,))
 
     def reset_prefix_cache(self) -> None:
         for block in self._cached.values():
             block.block_hash = None
             block.token_ids = None
         self._cached.clear()
+        if self.events is not None:
+            self.events.cleared()
+
+    def cached_hashes(self) -> list[int]:
+        """Every hash the prefix cache holds now (what a KV-event snapshot must equal)."""
+        return list(self._cached)
 
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
+            if self.events is not None:
+                self.events.removed((block.block_hash,))
             block.block_hash = None
             block.token_ids = None
 

@@ -18,6 +18,7 @@ from contract.limits import DEFAULT_MAX_MODEL_LEN
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.kv_cache_manager import KVCacheManager
+from engine.kv_events import KVEventLog
 from engine.model_loader import load_hf_config, load_model, model_folder
 from engine.model_runner import KVCacheSpec, ModelRunner, kv_pool_bytes
 from engine.outputs import PrefillResult, RequestOutput, TokenLogprob
@@ -48,6 +49,8 @@ class EngineStats:
     num_blocks: int
     kv_cache_usage: float
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # ... of which were served by it
 
 
 @dataclass(slots=True)
@@ -96,7 +99,10 @@ class LLMEngine:
             max_model_len=max_len,
         )
         self.max_model_len = self._fit_max_model_len(max_len)
-        self.pool = BlockPool(self.runner.spec.num_blocks, config.enable_prefix_caching)
+        self.kv_events = KVEventLog()  # what the prefix cache gained and lost, for routers
+        self.pool = BlockPool(
+            self.runner.spec.num_blocks, config.enable_prefix_caching, self.kv_events
+        )
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = _eos_ids(self.model_path, self.hf_config, self.tokenizer)
@@ -172,6 +178,7 @@ class LLMEngine:
                 f"not enough free KV blocks to import {len(prompt_token_ids)} tokens"
             )
         request.num_cached_tokens = len(hits) * self.config.block_size
+        self.kv.count_lookup(request.num_prompt_tokens, len(hits))
         request.status = RequestStatus.RESERVED
         self.requests[request_id] = request
         return ImportReservation(list(request.block_ids), len(hits))
@@ -233,6 +240,8 @@ class LLMEngine:
             num_blocks=self.pool.num_blocks,
             kv_cache_usage=self.pool.usage,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
         )
 
     # -- internals --------------------------------------------------------------------------

@@ -10,6 +10,12 @@ class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int) -> None:
         self.pool = pool
         self.block_size = block_size
+        self.prefix_queries = 0  # prompt tokens looked up on first admission (vLLM's metric)
+        self.prefix_hits = 0  # ... of which the prefix cache served
+
+    def count_lookup(self, num_prompt_tokens: int, num_hit_blocks: int) -> None:
+        self.prefix_queries += num_prompt_tokens
+        self.prefix_hits += num_hit_blocks * self.block_size
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -74,6 +74,7 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            first_admission = not request.block_ids and request.num_preemptions == 0
             hits = [] if request.block_ids else self.kv.find_prefix_hits(request)
             pending = (
                 request.num_tokens - request.num_computed_tokens - len(hits) * self.kv.block_size
@@ -81,8 +82,9 @@ class Scheduler:
             num_new = min(pending, budget)
             if not self.kv.allocate(request, num_new, hits):
                 break
-            if request.num_preemptions == 0 and hits and request.num_cached_tokens == 0:
+            if first_admission:
                 request.num_cached_tokens = len(hits) * self.kv.block_size
+                self.kv.count_lookup(request.num_prompt_tokens, len(hits))
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)

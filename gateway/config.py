@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.discovery import parse_entries
+from gateway.router import DEFAULT_ROUTER, ROUTER_NAMES
+
 
 @dataclass(slots=True, frozen=True)
 class GatewayConfig:
     model_path: Path  # HF folder: tokenizer.json, tokenizer_config.json, config.json
+    # HOST:PORT or dns:NAME:PORT (every address behind NAME, re-resolved on every poll)
     prefill_addresses: tuple[str, ...] = ()
     decode_addresses: tuple[str, ...] = ()
+    router: str = DEFAULT_ROUTER  # round-robin | least-loaded | kv-aware
     served_model_name: str = ""  # "" : the model folder's name
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -35,13 +40,10 @@ class GatewayConfig:
         object.__setattr__(self, "model_path", Path(self.model_path))  # accept a str too
         if not self.decode_addresses:
             raise ValueError("at least one decode worker address is required (--decode)")
-        for address in (*self.prefill_addresses, *self.decode_addresses):
-            if ":" not in address or not address.rsplit(":", 1)[1].isdigit():
-                raise ValueError(f"worker address must be HOST:PORT, got {address!r}")
-        if len(set(self.prefill_addresses)) != len(self.prefill_addresses):
-            raise ValueError("--prefill lists an address twice")
-        if len(set(self.decode_addresses)) != len(self.decode_addresses):
-            raise ValueError("--decode lists an address twice")
+        parse_entries(self.prefill_addresses, "--prefill")
+        parse_entries(self.decode_addresses, "--decode")
+        if self.router not in ROUTER_NAMES:
+            raise ValueError(f"router must be one of {', '.join(ROUTER_NAMES)}, got {self.router!r}")
         self._check_positive()
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (omit it to disable auth)")

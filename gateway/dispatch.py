@@ -1,8 +1,9 @@
 """Runs one choice on the workers: maybe a prefill, then a decode stream, with clean-up.
 
 Conditional disaggregation: prompts shorter than `min_prefill_tokens`, or no healthy prefill
-worker, or a prefill worker that is unreachable or full, go to the decode worker without a KV
-handle (it prefills locally). Before the first token, a decode that fails because its worker is
+worker, or a prefill worker that is full, go to the decode worker without a KV handle (it
+prefills locally). A prefill worker found unreachable is marked failed and the prompt is routed
+to another prefill worker once before falling back the same way. Before the first token, a decode that fails because its worker is
 gone or the KV handle went stale is retried once with local prefill.
 
 Clean-up rule: unless the decode stream ended with a finish reason, the decode worker gets an
@@ -22,8 +23,9 @@ from typing import Any
 import grpc
 
 from gateway.errors import ErrorKind, GatewayError
+from gateway.router import Choice, Route
 from gateway.worker_client import DecodeChunk, KVLease, SamplingRequest, WorkerRpcError
-from gateway.worker_pool import DECODE, PREFILL, Worker, WorkerPool
+from gateway.worker_pool import DECODE, Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ _ERROR_KIND = {
     grpc.StatusCode.DEADLINE_EXCEEDED: ErrorKind.DEADLINE,
 }
 
+_PREFILL_ATTEMPTS = 2  # the router's choice, then one other worker if the first is gone
 Spawn = Callable[[Coroutine[Any, Any, Any]], None]
 
 
@@ -45,6 +48,10 @@ class DispatchSettings:
     min_prefill_tokens: int
     prefill_timeout_s: float
     control_timeout_s: float
+
+
+class _WorkerGone(Exception):
+    """The chosen prefill worker is unavailable (already marked failed): choose another."""
 
 
 @dataclass(slots=True)
@@ -81,7 +88,7 @@ class ChoiceDispatch:
         """The decode worker's chunks, in order, ending with the one with a finish reason."""
         got_tokens = False
         for attempt in (0, 1):
-            decode = self._pool.pick(DECODE)
+            decode = self._pool.pick(DECODE, Route(self._prompt_ids, self._sampling.max_tokens))
             if decode is None:
                 raise GatewayError(ErrorKind.UNAVAILABLE, "no healthy decode worker")
             prefilled = await self._prefill() if attempt == 0 else None
@@ -99,11 +106,24 @@ class ChoiceDispatch:
                 log.warning("retrying %s with local prefill: %s", self.request_id, exc)
 
     async def _prefill(self) -> _Prefilled | None:
+        """Prefill on the router's choice; a worker found gone is dropped and the prompt goes
+        to the next choice once. None: prefill on the decode worker instead."""
         if len(self._prompt_ids) < self._settings.min_prefill_tokens:
             return None
-        worker = self._pool.pick(PREFILL)
-        if worker is None:
-            return None
+        route = Route(self._prompt_ids, self._sampling.max_tokens)
+        tried: list[Worker] = []
+        for _ in range(_PREFILL_ATTEMPTS):
+            choice = self._pool.pick_prefill(route, exclude=tried)
+            if choice is None:
+                return None
+            try:
+                return await self._prefill_on(choice)
+            except _WorkerGone:
+                tried.append(choice.worker)
+        return None
+
+    async def _prefill_on(self, choice: Choice) -> _Prefilled | None:
+        worker = choice.worker
         timeout = min(self._settings.prefill_timeout_s, self._remaining())
         worker.in_flight += 1
         try:
@@ -118,6 +138,7 @@ class ChoiceDispatch:
             raise
         finally:
             worker.in_flight -= 1
+            self._pool.prefill_done(choice)
         self.prefilled_on = worker.address
         return _Prefilled(worker, lease)
 
@@ -126,6 +147,8 @@ class ChoiceDispatch:
             raise _gateway_error(exc) from exc
         if exc.code == grpc.StatusCode.UNAVAILABLE:
             self._pool.mark_failed(worker, str(exc))
+            log.warning("prefill of %s re-routed: %s", self.request_id, exc)
+            raise _WorkerGone from exc
         log.warning(
             "prefill of %s failed, prefilling on the decode worker: %s", self.request_id, exc
         )

@@ -134,16 +134,35 @@ class _WorkerCollector(Collector):
         transfer_seconds = CounterMetricFamily(
             "pdserve:kv_transfer_seconds", "Seconds decode workers spent pulling KV.", labels=labels
         )
+        prefix_queries = CounterMetricFamily(
+            "pdserve:prefix_cache_queries",
+            "Prompt tokens workers looked up in their prefix cache.",
+            labels=labels,
+        )
+        prefix_hits = CounterMetricFamily(
+            "pdserve:prefix_cache_hits",
+            "Prompt tokens workers' prefix caches served.",
+            labels=labels,
+        )
+        indexed = GaugeMetricFamily(
+            "pdserve:prefix_index_blocks",
+            "Block hashes the gateway's KV-event index holds for the worker.",
+            labels=labels,
+        )
         for w in self._pool.workers:
             key = [w.role, w.address]
             healthy.add_metric(key, 1.0 if w.healthy else 0.0)
+            indexed.add_metric(key, len(self._pool.index.hashes(w.address)))
             if w.load is None:
                 continue
             running.add_metric(key, w.load.num_running)
             waiting.add_metric(key, w.load.num_waiting)
             usage.add_metric(key, w.load.kv_cache_usage)
             preemptions.add_metric(key, w.load.num_preemptions)
+            prefix_queries.add_metric(key, w.load.prefix_cache_queries)
+            prefix_hits.add_metric(key, w.load.prefix_cache_hits)
             if w.role == "decode":
                 transfer_bytes.add_metric(key, w.load.kv_transfer_bytes_total)
                 transfer_seconds.add_metric(key, w.load.kv_transfer_seconds_total)
         yield from (running, waiting, usage, healthy, preemptions, transfer_bytes, transfer_seconds)
+        yield from (prefix_queries, prefix_hits, indexed)

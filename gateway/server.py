@@ -39,7 +39,10 @@ class GatewayServer:
         self.config = config
         tokenizer = GatewayTokenizer(config.model_path, config.chat_template)
         self.pool = WorkerPool(
-            config.prefill_addresses, config.decode_addresses, config.control_timeout_s
+            config.prefill_addresses,
+            config.decode_addresses,
+            config.control_timeout_s,
+            router=config.router,
         )
         self.core = GatewayCore(config, tokenizer, self.pool, GatewayMetrics(self.pool))
         self.app = build_app(self.core)

@@ -50,6 +50,37 @@ class LoadSnapshot:
     serving: bool
     kv_transfer_bytes_total: int = 0
     kv_transfer_seconds_total: float = 0.0
+    block_size: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class KVEventBatch:
+    """One event of a worker's KV event log: `hashes` stored, removed, or (cleared) everything."""
+
+    seq: int
+    kind: str  # "stored" | "removed" | "cleared"
+    hashes: tuple[int, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class KVEventsUpdate:
+    """A GetKVEvents answer: events after the asked number, or a snapshot of every hash."""
+
+    engine_id: str
+    epoch: int
+    block_size: int
+    last_seq: int
+    events: tuple[KVEventBatch, ...]
+    snapshot: frozenset[int] | None
+
+
+_EVENT_KINDS = {
+    common_pb2.KV_EVENT_KIND_STORED: "stored",
+    common_pb2.KV_EVENT_KIND_REMOVED: "removed",
+    common_pb2.KV_EVENT_KIND_CLEARED: "cleared",
+}
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,6 +145,17 @@ class WorkerClient:
         stub = self._prefill if role == "prefill" else self._decode
         report = await self._unary("GetLoad", stub.GetLoad, common_pb2.GetLoadRequest(), timeout)
         return _load_snapshot(report)
+
+    async def get_kv_events(
+        self, role: str, cursor: tuple[int, int] | None, timeout: float
+    ) -> KVEventsUpdate:
+        """Events after `cursor` = (epoch, last_seq) applied, or a snapshot when it is None."""
+        stub = self._prefill if role == "prefill" else self._decode
+        request = common_pb2.GetKVEventsRequest()
+        if cursor is not None:
+            request.epoch, request.after_seq = cursor
+        response = await self._unary("GetKVEvents", stub.GetKVEvents, request, timeout)
+        return _kv_events_update(response)
 
     async def prefill(
         self,
@@ -198,4 +240,23 @@ def _load_snapshot(report: Any) -> LoadSnapshot:
         serving=report.serving,
         kv_transfer_bytes_total=report.kv_transfer_bytes_total,
         kv_transfer_seconds_total=report.kv_transfer_seconds_total,
+        block_size=report.block_size,
+        prefix_cache_queries=report.prefix_cache_queries,
+        prefix_cache_hits=report.prefix_cache_hits,
+    )
+
+
+def _kv_events_update(response: Any) -> KVEventsUpdate:
+    events = tuple(
+        KVEventBatch(e.seq, _EVENT_KINDS[e.kind], tuple(e.block_hashes))
+        for e in response.events
+        if e.kind in _EVENT_KINDS  # a kind from a newer worker: skipped, the gap check resyncs
+    )
+    return KVEventsUpdate(
+        engine_id=response.engine_id,
+        epoch=response.epoch,
+        block_size=response.block_size,
+        last_seq=response.last_seq,
+        events=events,
+        snapshot=frozenset(response.snapshot_hashes) if response.is_snapshot else None,
     )

@@ -160,6 +160,7 @@ class DecodeWorker:
             stats.num_reserved,
             kv_transfer_bytes_total=self.importer.bytes_pulled,
             kv_transfer_seconds_total=self.importer.seconds_pulling,
+            block_size=self.engine_loop.engine.config.block_size,
         )
 
     # -- internals -----------------------------------------------------------------------------

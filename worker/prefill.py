@@ -157,7 +157,8 @@ class PrefillWorker:
     def _snapshot(self, stats: EngineStats) -> WorkerSnapshot:
         held = tuple(self.leases.transfer_ids())
         shm = len(self.exporter.shm) if self.exporter.shm is not None else 0
-        return WorkerSnapshot(stats, self._active, len(held), held, shm)
+        block_size = self.engine_loop.engine.config.block_size
+        return WorkerSnapshot(stats, self._active, len(held), held, shm, block_size=block_size)
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from worker.decode import DecodeCall, DecodeWorker
 from worker.prefill import PrefillCall, PrefillWorker
 
 log = logging.getLogger(__name__)
+_MAX_KV_EVENTS = 4096  # per GetKVEvents answer; a reader further behind asks again
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
@@ -58,6 +59,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     async def GetDebugState(self, request, context):
         return wire.debug_state(await self._worker.debug_snapshot())
 
+    async def GetKVEvents(self, request, context):
+        return _kv_events(self._worker, request)
+
 
 def decode_status(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, grpc.aio.AioRpcError):  # from the prefill worker's KVTransferService
@@ -95,6 +99,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     async def GetDebugState(self, request, context):
         return wire.debug_state(await self._worker.debug_snapshot())
 
+    async def GetKVEvents(self, request, context):
+        return _kv_events(self._worker, request)
+
     def _call_from_pb(self, request, context) -> DecodeCall:
         remaining = context.time_remaining()
         return DecodeCall(
@@ -115,6 +122,14 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         else:
             log.warning("decode failed request_id=%s code=%s: %s", request_id, code.name, detail)
         await context.abort(code, f"{type(exc).__name__}: {detail}")
+
+
+def _kv_events(worker: PrefillWorker | DecodeWorker, request) -> common_pb2.KVEventsResponse:
+    engine = worker.engine_loop.engine
+    same_start = request.HasField("after_seq") and request.epoch == worker.identity.epoch
+    after_seq = request.after_seq if same_start else None
+    read = engine.kv_events.read(after_seq, request.max_events or _MAX_KV_EVENTS)
+    return wire.kv_events_to_pb(read, worker.identity, engine.config.block_size)
 
 
 def _load_report(worker: PrefillWorker | DecodeWorker) -> common_pb2.LoadReport:

@@ -16,3 +16,4 @@ class WorkerSnapshot:
     num_shm_segments: int = 0  # prefill: shared-memory segments tied to leases
     kv_transfer_bytes_total: int = 0  # decode: KV bytes pulled so far
     kv_transfer_seconds_total: float = 0.0
+    block_size: int = 0  # tokens per KV block

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from engine.kv_events import KVEventKind, KVEventsRead
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from kvtransfer.exporter import WorkerIdentity
@@ -49,6 +50,13 @@ def chunk_from_output(out: RequestOutput, num_completion_tokens: int) -> worker_
     return chunk
 
 
+def queue_depth(snap: WorkerSnapshot) -> int:
+    """Requests accepted and not finished. Every one of them is an active call (a prefill, or a
+    decode stream, imports still pulling included) and most are also in the engine's running
+    or waiting queue: counted once, not once per place (adding them reported 2 for 1)."""
+    return max(snap.num_active, snap.stats.num_running + snap.stats.num_waiting)
+
+
 def load_report(
     snap: WorkerSnapshot, identity: WorkerIdentity, role: str, serving: bool
 ) -> common_pb2.LoadReport:
@@ -59,7 +67,7 @@ def load_report(
         role=role,
         num_running=stats.num_running,
         num_waiting=stats.num_waiting,
-        queue_depth=stats.num_running + stats.num_waiting + snap.num_active,
+        queue_depth=queue_depth(snap),
         kv_cache_usage=stats.kv_cache_usage,
         num_free_blocks=stats.num_free_blocks,
         num_blocks=stats.num_blocks,
@@ -68,7 +76,35 @@ def load_report(
         serving=serving,
         kv_transfer_bytes_total=snap.kv_transfer_bytes_total,
         kv_transfer_seconds_total=snap.kv_transfer_seconds_total,
+        block_size=snap.block_size,
+        prefix_cache_queries=stats.prefix_cache_queries,
+        prefix_cache_hits=stats.prefix_cache_hits,
     )
+
+
+_EVENT_KIND_PB = {
+    KVEventKind.STORED: common_pb2.KV_EVENT_KIND_STORED,
+    KVEventKind.REMOVED: common_pb2.KV_EVENT_KIND_REMOVED,
+    KVEventKind.CLEARED: common_pb2.KV_EVENT_KIND_CLEARED,
+}
+
+
+def kv_events_to_pb(
+    read: KVEventsRead, identity: WorkerIdentity, block_size: int
+) -> common_pb2.KVEventsResponse:
+    response = common_pb2.KVEventsResponse(
+        engine_id=identity.engine_id,
+        epoch=identity.epoch,
+        block_size=block_size,
+        last_seq=read.last_seq,
+        is_snapshot=read.snapshot is not None,
+        snapshot_hashes=sorted(read.snapshot or ()),
+    )
+    for event in read.events:
+        response.events.add(
+            seq=event.seq, kind=_EVENT_KIND_PB[event.kind], block_hashes=event.block_hashes
+        )
+    return response
 
 
 def debug_state(snap: WorkerSnapshot) -> common_pb2.DebugState:

@@ -127,6 +127,7 @@ def _worker_states(core: GatewayCore, role: str) -> list[dict[str, Any]]:
             "error": w.last_error,
             "queue_depth": w.load.queue_depth if w.load else None,
             "kv_cache_usage": w.load.kv_cache_usage if w.load else None,
+            "indexed_blocks": len(core.pool.index.hashes(w.address)),
         }
         for w in core.pool.of_role(role)
     ]

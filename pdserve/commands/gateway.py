@@ -18,8 +18,22 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workers")
-    g.add_argument("--prefill", default="", help="prefill workers, HOST:PORT[,HOST:PORT...]")
-    g.add_argument("--decode", required=True, help="decode workers, HOST:PORT[,HOST:PORT...]")
+    g.add_argument(
+        "--prefill",
+        default="",
+        help="prefill workers, comma-separated: HOST:PORT, or dns:NAME:PORT for every address "
+        "NAME resolves to (re-resolved on every poll, e.g. a headless Kubernetes Service)",
+    )
+    g.add_argument(
+        "--decode", required=True, help="decode workers, as --prefill (at least one entry)"
+    )
+    g.add_argument(
+        "--router",
+        default="kv-aware",
+        choices=("round-robin", "least-loaded", "kv-aware"),
+        help="how a worker is chosen: kv-aware sends a prefill where its prefix is cached "
+        "(weighted by load) and a decode to the least-loaded worker with KV room",
+    )
     g.add_argument(
         "--min-prefill-tokens",
         type=int,
@@ -82,6 +96,7 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
         model_path=model_path,
         prefill_addresses=_addresses(args.prefill),
         decode_addresses=_addresses(args.decode),
+        router=args.router,
         served_model_name=args.served_model_name or "",
         host=args.host,
         http_port=args.port,

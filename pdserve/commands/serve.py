@@ -50,6 +50,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     gw.add_argument("--api-key", default=os.environ.get(GATEWAY_API_KEY_ENV) or None,
                     help=f"require 'Authorization: Bearer KEY' (or set {GATEWAY_API_KEY_ENV})")  # fmt: skip
     gw.add_argument("--chat-template", default=None, help="a template file or the template text")
+    gw.add_argument("--router", default=None, choices=("round-robin", "least-loaded", "kv-aware"),
+                    help="the gateway's routing policy (default kv-aware)")  # fmt: skip
 
 
 def engine_flag_argv(args: argparse.Namespace) -> list[str]:
@@ -89,6 +91,7 @@ def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
         ("--served-model-name", args.served_model_name),
         ("--chat-template", args.chat_template),
         ("--max-model-len", args.max_model_len),
+        ("--router", getattr(args, "router", None)),
     ):
         if value is not None:
             argv += [flag, str(value)]

@@ -13,10 +13,21 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
+
+class KVEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_EVENT_KIND_UNSPECIFIED: _ClassVar[KVEventKind]
+    KV_EVENT_KIND_STORED: _ClassVar[KVEventKind]
+    KV_EVENT_KIND_REMOVED: _ClassVar[KVEventKind]
+    KV_EVENT_KIND_CLEARED: _ClassVar[KVEventKind]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
+KV_EVENT_KIND_UNSPECIFIED: KVEventKind
+KV_EVENT_KIND_STORED: KVEventKind
+KV_EVENT_KIND_REMOVED: KVEventKind
+KV_EVENT_KIND_CLEARED: KVEventKind
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop_token_ids", "ignore_eos", "logprobs")
@@ -75,7 +86,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("engine_id", "epoch", "role", "num_running", "num_waiting", "queue_depth", "kv_cache_usage", "num_free_blocks", "num_blocks", "num_held", "num_preemptions", "serving", "kv_transfer_bytes_total", "kv_transfer_seconds_total")
+    __slots__ = ("engine_id", "epoch", "role", "num_running", "num_waiting", "queue_depth", "kv_cache_usage", "num_free_blocks", "num_blocks", "num_held", "num_preemptions", "serving", "kv_transfer_bytes_total", "kv_transfer_seconds_total", "block_size", "prefix_cache_queries", "prefix_cache_hits")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +101,9 @@ class LoadReport(_message.Message):
     SERVING_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     epoch: int
     role: str
@@ -104,7 +118,48 @@ class LoadReport(_message.Message):
     serving: bool
     kv_transfer_bytes_total: int
     kv_transfer_seconds_total: float
-    def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queue_depth: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_held: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., serving: _Optional[bool] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ...) -> None: ...
+    block_size: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queue_depth: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_held: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., serving: _Optional[bool] = ..., kv_transfer_bytes_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., block_size: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ...) -> None: ...
+
+class GetKVEventsRequest(_message.Message):
+    __slots__ = ("after_seq", "epoch", "max_events")
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    after_seq: int
+    epoch: int
+    max_events: int
+    def __init__(self, after_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., max_events: _Optional[int] = ...) -> None: ...
+
+class KVEvent(_message.Message):
+    __slots__ = ("seq", "kind", "block_hashes")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: KVEventKind
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[KVEventKind, str]] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KVEventsResponse(_message.Message):
+    __slots__ = ("engine_id", "epoch", "block_size", "last_seq", "is_snapshot", "snapshot_hashes", "events")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    IS_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_HASHES_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    epoch: int
+    block_size: int
+    last_seq: int
+    is_snapshot: bool
+    snapshot_hashes: _containers.RepeatedScalarFieldContainer[int]
+    events: _containers.RepeatedCompositeFieldContainer[KVEvent]
+    def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., block_size: _Optional[int] = ..., last_seq: _Optional[int] = ..., is_snapshot: _Optional[bool] = ..., snapshot_hashes: _Optional[_Iterable[int]] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()

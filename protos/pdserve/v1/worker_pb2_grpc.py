@@ -55,6 +55,11 @@ class PrefillServiceStub:
                 request_serializer=protos_dot_pdserve_dot_v1_dot_common__pb2.GetDebugStateRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_common__pb2.DebugState.FromString,
                 _registered_method=True)
+        self.GetKVEvents = channel.unary_unary(
+                '/pdserve.v1.PrefillService/GetKVEvents',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_common__pb2.GetKVEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_common__pb2.KVEventsResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -88,6 +93,13 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKVEvents(self, request, context):
+        """KV events of this worker's prefix cache (see common.proto), for KV-aware routing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.GetDebugState,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_common__pb2.GetDebugStateRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_common__pb2.DebugState.SerializeToString,
+            ),
+            'GetKVEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKVEvents,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_common__pb2.GetKVEventsRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_common__pb2.KVEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +247,33 @@ class PrefillService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetKVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.PrefillService/GetKVEvents',
+            protos_dot_pdserve_dot_v1_dot_common__pb2.GetKVEventsRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_common__pb2.KVEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -259,6 +303,11 @@ class DecodeServiceStub:
                 '/pdserve.v1.DecodeService/GetDebugState',
                 request_serializer=protos_dot_pdserve_dot_v1_dot_common__pb2.GetDebugStateRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_common__pb2.DebugState.FromString,
+                _registered_method=True)
+        self.GetKVEvents = channel.unary_unary(
+                '/pdserve.v1.DecodeService/GetKVEvents',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_common__pb2.GetKVEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_common__pb2.KVEventsResponse.FromString,
                 _registered_method=True)
 
 
@@ -297,6 +346,13 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKVEvents(self, request, context):
+        """KV events of this worker's prefix cache (see common.proto), for KV-aware routing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -319,6 +375,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.GetDebugState,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_common__pb2.GetDebugStateRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_common__pb2.DebugState.SerializeToString,
+            ),
+            'GetKVEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKVEvents,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_common__pb2.GetKVEventsRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_common__pb2.KVEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -429,6 +490,33 @@ class DecodeService:
             '/pdserve.v1.DecodeService/GetDebugState',
             protos_dot_pdserve_dot_v1_dot_common__pb2.GetDebugStateRequest.SerializeToString,
             protos_dot_pdserve_dot_v1_dot_common__pb2.DebugState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeService/GetKVEvents',
+            protos_dot_pdserve_dot_v1_dot_common__pb2.GetKVEventsRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_common__pb2.KVEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
