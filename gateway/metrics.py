@@ -122,6 +122,11 @@ class _WorkerCollector(Collector):
         usage = GaugeMetricFamily(
             "pdserve:kv_cache_usage_perc", "KV cache usage (0-1).", labels=labels
         )
+        depth = GaugeMetricFamily(
+            "pdserve:worker_queue_depth",
+            "Requests accepted by the worker and not finished (what autoscalers read).",
+            labels=labels,
+        )
         healthy = GaugeMetricFamily(
             "pdserve:worker_healthy", "1 when the worker is healthy.", labels=labels
         )
@@ -156,6 +161,7 @@ class _WorkerCollector(Collector):
             if w.load is None:
                 continue
             running.add_metric(key, w.load.num_running)
+            depth.add_metric(key, w.load.queue_depth)
             waiting.add_metric(key, w.load.num_waiting)
             usage.add_metric(key, w.load.kv_cache_usage)
             preemptions.add_metric(key, w.load.num_preemptions)
@@ -165,4 +171,4 @@ class _WorkerCollector(Collector):
                 transfer_bytes.add_metric(key, w.load.kv_transfer_bytes_total)
                 transfer_seconds.add_metric(key, w.load.kv_transfer_seconds_total)
         yield from (running, waiting, usage, healthy, preemptions, transfer_bytes, transfer_seconds)
-        yield from (prefix_queries, prefix_hits, indexed)
+        yield from (prefix_queries, prefix_hits, indexed, depth)

@@ -25,6 +25,8 @@ BENCH_COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "pdserve.commands.bench_serve", "load-test an OpenAI-compatible endpoint"),
     ("sweep", "pdserve.bench.sweep", "request-rate sweep: disaggregated vs aggregated"),
     ("compare", "pdserve.commands.bench_compare", "same workloads vs a baseline server, ratios"),
+    ("routing", "pdserve.bench.routing", "shared-prefix routing: kv-aware vs round-robin"),
+    ("sizing", "pdserve.bench.sizing", "prefill:decode workers for a load, from profiles"),
 ]
 
 

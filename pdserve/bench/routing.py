@@ -269,8 +269,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="bench-results/routing")
     p.add_argument("--model", default=None, help="HF folder (default: the default model)")
     p.add_argument("--num-system-prompts", type=int, default=8)
@@ -282,20 +281,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ready-timeout", type=float, default=900.0)
     p.add_argument("--serve-args", default="", help="extra `pdserve serve` flags, one string")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.serve_args = args.serve_args.split()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_requests < args.num_system_prompts or args.num_system_prompts < 1:
+        print("routing: --num-requests must be >= --num-system-prompts >= 1", file=sys.stderr)
+        return 2
+    args.argv = getattr(args, "argv", sys.argv[1:])
+    if isinstance(args.serve_args, str):
+        args.serve_args = args.serve_args.split()
     if args.model is None:
         from pdserve.default_model import resolve_model
 
         args.model = str(resolve_model(None))
-    if args.num_requests < args.num_system_prompts or args.num_system_prompts < 1:
-        p.error("--num-requests must be >= --num-system-prompts >= 1")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
     result = run_all(args)
     out_dir = Path(args.out_dir)
     (out_dir / "routing.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -305,6 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:12s} hit rate {d['prefix_hit_rate']:.3f}  TTFT median {d['ttft_ms']['median']:.0f} ms  p90 {d['ttft_ms']['p90']:.0f} ms  failed {d['failed']}")  # fmt: skip
     print(f"wrote {out_dir / 'routing.json'} and {png}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_parser(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run(args)
 
 
 if __name__ == "__main__":

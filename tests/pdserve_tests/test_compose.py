@@ -81,23 +81,39 @@ def expand_defaults(text: str) -> str:
     return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
 
 
-def service_env(compose: dict, name: str, **extra: str) -> dict[str, str]:
-    """The service's environment as the container sees it with no variables set outside."""
-    env = compose["services"][name].get("environment") or {}
-    return {**{k: expand_defaults(str(v)) for k, v in env.items()}, **extra}
+def service_env(compose: dict, name: str, model: Path, **extra: str) -> dict[str, str]:
+    """The service's environment as the container sees it with only PDSERVE_MODEL set outside
+    (pointing at a folder that holds a finished model, so the wait loops end)."""
+    for marker in ("config.json", "tokenizer.json"):
+        model.mkdir(exist_ok=True)
+        (model / marker).write_text("{}")
+    names = compose["services"][name].get("environment") or []
+    assert all(isinstance(n, str) and "=" not in n for n in names), "pass-through names only"
+    return {"PDSERVE_MODEL": str(model), **extra}
+
+
+def test_compose_is_portable(compose: dict) -> None:
+    """docker-compose 1.29 rejects a top-level `name:`; podman-compose 1.0 passes `${X:-}`
+    (an empty default) through literally."""
+    lines = (ROOT / "compose.yaml").read_text().splitlines()
+    text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    assert "name" not in compose
+    assert not re.search(r"\$\{\w+:-\}", text.replace("$${", "#{"))
 
 
 def parse(command: str, args: list[str]):  # noqa: ANN201
     return build_parser([command]).parse_args([command, *args])
 
 
-def test_compose_has_the_services_and_a_model_volume(compose: dict) -> None:
+def test_compose_has_the_services_and_a_model_volume(compose: dict, tmp_path) -> None:
     assert set(compose["services"]) == {*PDSERVE_SERVICES, "prometheus", "grafana"}
     mount = "model-cache:/home/pdserve/.cache/pdserve"
     for name in PDSERVE_SERVICES:
         assert mount in compose["services"][name]["volumes"], name
-    model = service_env(compose, "prefill")["PDSERVE_MODEL"]
-    assert model.startswith(mount.split(":")[1] + "/")
+    default = re.search(
+        r"PDSERVE_MODEL:-([^}]+)\}", " ".join(compose["services"]["prefill"]["command"])
+    )
+    assert default and default.group(1).startswith(mount.split(":")[1] + "/")
     assert "model-cache" in compose["volumes"]
 
 
@@ -106,7 +122,9 @@ def test_service_command_is_a_real_pdserve_subcommand(
     compose: dict, service: str, tmp_path
 ) -> None:
     extra = "--max-num-seqs 8" if service in ("prefill", "decode") else "--log-level debug"
-    env = service_env(compose, service, PDSERVE_WORKER_ARGS=extra, PDSERVE_GATEWAY_ARGS=extra)
+    env = service_env(
+        compose, service, tmp_path / "m", PDSERVE_WORKER_ARGS=extra, PDSERVE_GATEWAY_ARGS=extra
+    )
     argv = container_argv(compose["services"][service], tmp_path, env)
     assert argv[0] == PDSERVE_SERVICES[service]
     helped = subprocess.run([str(PDSERVE), argv[0], "--help"], capture_output=True, text=True,
@@ -117,7 +135,7 @@ def test_service_command_is_a_real_pdserve_subcommand(
 
 def test_worker_commands_agree_with_the_cli_defaults(compose: dict, tmp_path) -> None:
     for name, port in (("prefill", PREFILL_PORT), ("decode", DECODE_PORT)):
-        env = service_env(compose, name, PDSERVE_WORKER_ARGS="--max-num-seqs 8")
+        env = service_env(compose, name, tmp_path / "m", PDSERVE_WORKER_ARGS="--max-num-seqs 8")
         args = parse(name, container_argv(compose["services"][name], tmp_path, env)[1:])
         assert parse(name, []).port == port == args.port, name
         assert args.host == "0.0.0.0" and args.max_num_seqs == 8
@@ -126,23 +144,25 @@ def test_worker_commands_agree_with_the_cli_defaults(compose: dict, tmp_path) ->
         probe = compose["services"][name]["healthcheck"]["test"]
         assert probe == ["CMD", "python", "-m", "pdserve.launcher", "probe",
                          f"grpc://127.0.0.1:{port}"]  # fmt: skip
-    env = service_env(compose, "prefill")
+    env = service_env(compose, "prefill", tmp_path / "m")
     args = parse("prefill", container_argv(compose["services"]["prefill"], tmp_path, env)[1:])
     assert args.advertise_address == f"{CONTAINER_IP}:{PREFILL_PORT}"
 
 
 def test_gateway_command_agrees_with_the_cli_defaults(compose: dict, tmp_path) -> None:
     gateway = compose["services"]["gateway"]
-    env = service_env(compose, "gateway", PDSERVE_GATEWAY_ARGS="--max-pending 9")
+    env = service_env(compose, "gateway", tmp_path / "m", PDSERVE_GATEWAY_ARGS="--max-pending 9")
     argv = container_argv(gateway, tmp_path, env)
     args = parse("gateway", argv[1:])
     assert args.max_pending == 9 and args.model == env["PDSERVE_MODEL"]
     defaults = parse("gateway", ["--decode", "127.0.0.1:1", "--model", "/m"])
     assert args.port == defaults.port == GATEWAY_HTTP_PORT
     assert args.grpc_port == defaults.grpc_port == GATEWAY_GRPC_PORT
-    assert argv[argv.index("--prefill") + 1] == RESOLVED[f"prefill:{PREFILL_PORT}"]
-    assert argv[argv.index("--decode") + 1] == RESOLVED[f"decode:{DECODE_PORT}"]
-    assert "PDSERVE_API_KEY" in gateway["environment"]  # the gateway reads it; never on argv
+    # Every replica behind the service names, re-resolved while the gateway runs.
+    assert argv[argv.index("--prefill") + 1] == f"dns:prefill:{PREFILL_PORT}"
+    assert argv[argv.index("--decode") + 1] == f"dns:decode:{DECODE_PORT}"
+    for name in ("PDSERVE_API_KEY", "PDSERVE_CLUSTER_SECRET"):
+        assert name in gateway["environment"] and name not in " ".join(argv)
     published = [":".join(expand_defaults(p).split(":")[-2:]) for p in gateway["ports"]]
     assert published == [f"{GATEWAY_HTTP_PORT}:{GATEWAY_HTTP_PORT}",
                          f"{GATEWAY_GRPC_PORT}:{GATEWAY_GRPC_PORT}"]  # fmt: skip
@@ -159,7 +179,11 @@ def test_dockerfile_matches_compose(compose: dict) -> None:
     assert "ARG BASE_IMAGE=python:3.11-slim" in text and "ARG TORCH_INDEX_URL=" in text
     assert "/home/pdserve/.cache/pdserve" in text
     build_args = compose["services"]["gateway"]["build"]["args"]
-    assert set(build_args) == {"BASE_IMAGE", "TORCH_INDEX_URL"}
+    assert set(build_args) == {
+        "BASE_IMAGE", "TORCH_INDEX_URL", "TORCH_SPEC", "TORCH_WHEEL", "CA_CERTS", "PIP_INDEX_URL"
+    }  # fmt: skip
+    for arg in build_args:
+        assert re.search(rf"^ARG {arg}=", text, re.M), arg
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 
