@@ -3,8 +3,9 @@
 Conditional disaggregation: prompts shorter than `min_prefill_tokens`, or no healthy prefill
 worker, or a prefill worker that is full, go to the decode worker without a KV handle (it
 prefills locally). A prefill worker found unreachable is marked failed and the prompt is routed
-to another prefill worker once before falling back the same way. Before the first token, a decode that fails because its worker is
-gone or the KV handle went stale is retried once with local prefill.
+to another prefill worker once before falling back the same way. Before the first token, a
+decode that fails because its worker is gone or the KV handle went stale is retried once with
+local prefill.
 
 Clean-up rule: unless the decode stream ended with a finish reason, the decode worker gets an
 Abort and the prefill worker a Release (both idempotent), whatever ended the stream: a stop

@@ -3,9 +3,10 @@
 - `round-robin`: in turn, whatever they hold or how busy they are (the baseline).
 - `least-loaded`: the lowest queue depth (reported + sent since), then KV usage.
 - `kv-aware` (the default): a prefill goes to the worker where it would finish first, counting
-  the prompt tokens its prefix cache does not hold (from the KV-event index) plus the prefill
-  tokens this gateway already has outstanding there; a decode goes to the least-loaded worker
-  whose last report had free blocks for the prompt and `max_tokens`.
+  the prompt tokens its prefix cache does not hold (from the KV-event index), the prefill
+  tokens this gateway already has outstanding there, and requests other gateways have queued
+  there; a decode goes to the least-loaded worker whose last report had free blocks for the
+  prompt and `max_tokens`.
 
 A policy only chooses among the candidates it is given: which workers are healthy, and what
 happens when one turns out not to be, is the pool's and the dispatcher's business.
@@ -82,7 +83,7 @@ class KVAwareRouter:
                 len(route.prompt_ids) - 1,  # the last token is always computed
             )
             choices.append(Choice(worker, len(route.prompt_ids) - max(cached, 0)))
-        best = min(choices, key=_prefill_cost)
+        best = min(choices, key=lambda c: _prefill_cost(c, len(route.prompt_ids)))
         self._index.note_routed(best.worker.address, hashes)
         return best
 
@@ -91,10 +92,13 @@ class KVAwareRouter:
         return Choice(min(roomy or candidates, key=Worker.score), len(route.prompt_ids))
 
 
-def _prefill_cost(choice: Choice) -> tuple[int, int, str]:
-    """Tokens to compute before this prompt is done there: a time estimate in token units."""
+def _prefill_cost(choice: Choice, prompt_len: int) -> tuple[int, int, str]:
+    """Tokens to compute before this prompt is done there, a time estimate in token units: its
+    own uncached tokens, what this gateway has outstanding there, and the requests others sent
+    (at their last report; each counted as long as this prompt, their lengths are unknown)."""
     worker = choice.worker
-    return (choice.prefill_tokens + worker.pending_prefill_tokens, worker.in_flight, worker.address)
+    work = choice.prefill_tokens + worker.pending_prefill_tokens
+    return (work + worker.foreign_load * prompt_len, worker.in_flight, worker.address)
 
 
 def _has_room(worker: Worker, num_tokens: int) -> bool:

@@ -144,6 +144,7 @@ class WorkerPool:
         if not worker.healthy and load.serving:
             log.info("%s worker %s is healthy", worker.role, worker.address)
         worker.load = load
+        worker.foreign_load = max(0, load.queue_depth - worker.in_flight)  # other gateways'
         worker.sent_since_report = 0
         worker.healthy = load.serving
         worker.last_error = None if load.serving else "draining"

@@ -20,6 +20,7 @@ class Worker:
     sent_since_report: int = 0  # requests routed here since `load` was taken
     in_flight: int = 0  # this gateway's requests on the worker now
     pending_prefill_tokens: int = 0  # prompt tokens this gateway's open prefills here compute
+    foreign_load: int = 0  # requests on it at the last report that this gateway did not send
     last_error: str | None = None
 
     def score(self) -> tuple[int, float, str]:

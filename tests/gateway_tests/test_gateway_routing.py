@@ -105,6 +105,17 @@ def test_failing_prefill_worker_goes_unhealthy_and_request_falls_back(cluster):
     assert not c.gateway.server.pool.healthy("prefill")
 
 
+def test_an_unreachable_prefill_worker_is_skipped_for_the_next_one(cluster):
+    c = cluster(num_prefill=2, router="round-robin")
+    first, second = sorted(c.prefill, key=lambda w: w.address)  # round-robin's first turn
+    first.fail_with = grpc.StatusCode.UNAVAILABLE
+    result = c.client.generate(LONG_PROMPT, GenerationOptions(max_tokens=3))
+    assert len(result.choices[0].token_ids) == 3
+    assert (len(first.calls.prefills), len(second.calls.prefills)) == (1, 1)
+    assert c.decode[0].calls.decodes[0].HasField("kv_handle")
+    assert [w.address for w in c.gateway.server.pool.healthy("prefill")] == [second.address]
+
+
 def test_routes_to_the_least_loaded_workers(cluster):
     c = cluster(num_prefill=2, num_decode=2)
     c.prefill[0].queue_depth, c.decode[1].queue_depth = 7, 7

@@ -104,9 +104,12 @@ def test_prefixes_are_routed_to_the_worker_that_caches_them(cluster):
     wait_index_matches(prefill, gateway)
 
 
-def test_the_index_is_each_workers_snapshot(cluster):
+def test_the_index_is_each_workers_snapshot_and_idle_workers_report_no_queue(cluster):
     prefill, gateway, client = cluster
     wait_index_matches(prefill, gateway)
+    time.sleep(0.5)  # a few load polls after the last request
+    health = httpx.get(f"{gateway.http}/health").json()
+    assert [w["queue_depth"] for w in health["prefill"] + health["decode"]] == [0, 0, 0]
     metrics = httpx.get(f"{gateway.http}/metrics").text
     assert "pdserve:prefix_cache_hits_total" in metrics
     assert "pdserve:prefix_index_blocks" in metrics

@@ -116,7 +116,7 @@ def worker(address, role=PREFILL, depth=0, free_blocks=100) -> Worker:
 
 
 def test_kv_aware_prefill_prefers_the_cached_prefix_until_load_outweighs_it():
-    index = PrefixIndex()
+    index = PrefixIndex(recent_ttl_s=0.0)  # only what events confirm
     router = make_router("kv-aware", index)
     a, b = worker("a:1"), worker("b:1")
     tokens = list(range(40))  # 10 blocks
@@ -126,6 +126,11 @@ def test_kv_aware_prefill_prefers_the_cached_prefix_until_load_outweighs_it():
     assert choice.worker is b and choice.prefill_tokens == 41 - 32
     b.pending_prefill_tokens = 40  # b busy with 40 tokens of work: a computes 41 sooner
     assert router.choose(PREFILL, [a, b], route).worker is a
+    b.pending_prefill_tokens = 0
+    a.foreign_load = 1  # another gateway's request queued on a: b (9 tokens to go) is sooner
+    assert router.choose(PREFILL, [a, b], route).worker is b
+    b.foreign_load = 1
+    assert router.choose(PREFILL, [a, b], route).worker is b
 
 
 def test_decode_goes_to_the_least_loaded_worker_with_room():
