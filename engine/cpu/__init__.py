@@ -1,9 +1,11 @@
 """The compiled CPU path: a C++ extension built on first use and cached on disk.
 
 Built with torch's own extension builder (g++ and ninja), with -O3 -march=native, into
-~/.cache/pdserve/cpu-ext/<key>, where the key covers the source, the torch version and this
-CPU's instruction-set flags, so a restart loads the built library in milliseconds and a
-different machine (or torch) builds its own. The first build takes about a minute on two cores
+~/.cache/pdserve/cpu-ext/<key>, where the key covers the source, the torch version and install
+folder, and this CPU's instruction-set flags, so a restart loads the built library in
+milliseconds and a different machine (or torch) builds its own. The folder matters: torch's
+builder writes the include paths into build.ninja, so two environments sharing one key would
+overwrite each other's build file and rebuild on every start. The first build takes about a minute on two cores
 and says so on stderr.
 """
 
@@ -41,6 +43,7 @@ def build_key() -> str:
     h = hashlib.sha256()
     h.update(_SOURCE.read_bytes())
     h.update(torch.__version__.encode())
+    h.update(str(Path(torch.__file__).resolve().parent).encode())
     h.update(_cpu_flags().encode())
     return h.hexdigest()[:16]
 
