@@ -10,9 +10,10 @@ built from GetKVEvents answers. Rules that keep it from ever being corrupted:
 - events of another engine id or epoch (the worker restarted) are ignored: a snapshot follows;
 - a worker that fails or leaves is forgotten.
 
-Besides what events confirm, a prefill routed to a worker a moment ago counts as "probably
-cached there" for `recent_ttl_s`, so a burst of one new prefix lands on one worker before its
-events arrive. These notes sit apart from the confirmed sets and expire on their own.
+Besides what events confirm, a prefill routed to a worker counts as "probably cached there"
+while it runs and for `recent_ttl_s` after it ends (time for its events to arrive), so a burst of
+one new prefix lands on the worker already computing it. These notes sit apart from the
+confirmed sets and expire on their own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from contract.block_hash import hash_blocks
 from gateway.worker_client import KVEventsUpdate
 
 
@@ -78,8 +78,16 @@ class PrefixIndex:
         self._recent.pop(key, None)
 
     def note_routed(self, key: str, hashes: Iterable[int]) -> None:
+        """A prefill of these blocks is running there: count them until `note_done`."""
+        self._recent.setdefault(key, {}).update(dict.fromkeys(hashes, float("inf")))
+
+    def note_done(self, key: str, hashes: Iterable[int]) -> None:
+        """That prefill ended: its note lasts `recent_ttl_s` more, until events confirm it."""
+        recent = self._recent.get(key)
+        if recent is None:
+            return  # forgotten meanwhile (the worker failed or left)
         expiry = self._clock() + self._recent_ttl_s
-        self._recent.setdefault(key, {}).update(dict.fromkeys(hashes, expiry))
+        recent.update(dict.fromkeys(hashes, expiry))
 
     # -- reading it -----------------------------------------------------------------------------
 
@@ -107,10 +115,6 @@ class PrefixIndex:
                 break
             n += 1
         return n
-
-    def prompt_hashes(self, prompt_ids: Sequence[int], keys: Sequence[str]) -> list[int]:
-        block_size = self.block_size(keys)
-        return hash_blocks(prompt_ids, block_size) if block_size else []
 
     def prune(self) -> None:
         """Drop expired routing notes."""

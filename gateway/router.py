@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from contract.block_hash import hash_blocks
 from gateway.prefix_index import PrefixIndex
 from gateway.worker_state import DECODE, PREFILL, Worker
 
@@ -37,6 +38,7 @@ class Route:
 class Choice:
     worker: Worker
     prefill_tokens: int  # prompt tokens the worker is expected to compute (cache hits excluded)
+    noted_hashes: tuple[int, ...] = ()  # blocks noted in the index as being computed there
 
 
 class Router(Protocol):
@@ -73,9 +75,8 @@ class KVAwareRouter:
         return self._choose_decode(candidates, route)
 
     def _choose_prefill(self, candidates: Sequence[Worker], route: Route) -> Choice:
-        keys = [w.address for w in candidates]
-        hashes = self._index.prompt_hashes(route.prompt_ids, keys)
-        block_size = self._index.block_size(keys) or 0
+        block_size = _block_size(candidates, self._index) or 0
+        hashes = hash_blocks(route.prompt_ids, block_size) if block_size else []
         choices = []
         for worker in candidates:
             cached = min(
@@ -85,11 +86,18 @@ class KVAwareRouter:
             choices.append(Choice(worker, len(route.prompt_ids) - max(cached, 0)))
         best = min(choices, key=lambda c: _prefill_cost(c, len(route.prompt_ids)))
         self._index.note_routed(best.worker.address, hashes)
-        return best
+        return Choice(best.worker, best.prefill_tokens, tuple(hashes))
 
     def _choose_decode(self, candidates: Sequence[Worker], route: Route) -> Choice:
         roomy = [w for w in candidates if _has_room(w, len(route.prompt_ids) + route.max_tokens)]
         return Choice(min(roomy or candidates, key=Worker.score), len(route.prompt_ids))
+
+
+def _block_size(candidates: Sequence[Worker], index: PrefixIndex) -> int | None:
+    """What the workers' block hashes cover: from their KV events, else their load reports."""
+    known = index.block_size([w.address for w in candidates])
+    reported = [w.load.block_size for w in candidates if w.load and w.load.block_size]
+    return known or (reported[0] if reported else None)
 
 
 def _prefill_cost(choice: Choice, prompt_len: int) -> tuple[int, int, str]:

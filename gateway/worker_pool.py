@@ -79,6 +79,8 @@ class WorkerPool:
 
     def prefill_done(self, choice: Choice) -> None:
         choice.worker.pending_prefill_tokens -= choice.prefill_tokens
+        if choice.noted_hashes:
+            self.index.note_done(choice.worker.address, choice.noted_hashes)
 
     def _choose(self, role: str, route: Route, exclude: Sequence[Worker]) -> Choice | None:
         candidates = [w for w in self.healthy(role) if w not in exclude]

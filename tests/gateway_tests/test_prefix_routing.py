@@ -93,7 +93,12 @@ def test_matched_blocks_counts_leading_blocks_and_recent_routing_notes_expire():
     assert index.matched_blocks("a", prompt) == 2  # block 3 does not count after a miss
     index.note_routed("b", prompt[:3])
     assert index.matched_blocks("b", prompt) == 3
-    now[0] = 2.0
+    now[0] = 50.0  # a long prefill: still running, still noted
+    assert index.matched_blocks("b", prompt) == 3
+    index.note_done("b", prompt[:3])
+    now[0] = 50.5
+    assert index.matched_blocks("b", prompt) == 3
+    now[0] = 52.0
     assert index.matched_blocks("b", prompt) == 0
     index.prune()
     index.forget("a")
@@ -116,21 +121,37 @@ def worker(address, role=PREFILL, depth=0, free_blocks=100) -> Worker:
 
 
 def test_kv_aware_prefill_prefers_the_cached_prefix_until_load_outweighs_it():
-    index = PrefixIndex(recent_ttl_s=0.0)  # only what events confirm
+    index = PrefixIndex(recent_ttl_s=0.0)  # only what events confirm once a prefill ends
     router = make_router("kv-aware", index)
     a, b = worker("a:1"), worker("b:1")
     tokens = list(range(40))  # 10 blocks
     index.apply("b:1", snapshot(hash_blocks(tokens, BS)[:8]))
     route = Route(tokens + [99])
-    choice = router.choose(PREFILL, [a, b], route)
+
+    def choose():
+        choice = router.choose(PREFILL, [a, b], route)
+        index.note_done(choice.worker.address, choice.noted_hashes)
+        return choice
+
+    choice = choose()
     assert choice.worker is b and choice.prefill_tokens == 41 - 32
     b.pending_prefill_tokens = 40  # b busy with 40 tokens of work: a computes 41 sooner
-    assert router.choose(PREFILL, [a, b], route).worker is a
+    assert choose().worker is a
     b.pending_prefill_tokens = 0
     a.foreign_load = 1  # another gateway's request queued on a: b (9 tokens to go) is sooner
-    assert router.choose(PREFILL, [a, b], route).worker is b
+    assert choose().worker is b
     b.foreign_load = 1
-    assert router.choose(PREFILL, [a, b], route).worker is b
+    assert choose().worker is b
+
+
+def test_a_running_prefill_draws_the_same_prefix_to_its_worker():
+    index = PrefixIndex()
+    router = make_router("kv-aware", index)
+    a, b = worker("a:1"), worker("b:1")
+    route = Route(list(range(40)))
+    first = router.choose(PREFILL, [a, b], route)
+    first.worker.pending_prefill_tokens = 10  # busy, but with the prefix on its way
+    assert router.choose(PREFILL, [a, b], route).worker is first.worker
 
 
 def test_decode_goes_to_the_least_loaded_worker_with_room():
