@@ -151,10 +151,15 @@ def _ms_summary(seconds: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(ms), "median": statistics.median(ms), "p90": pick(0.9), "p99": pick(0.99)}  # fmt: skip
 
 
+_REPORT_WAIT_S = 2.5  # the gateway polls workers' load every second: counters lag by that much
+
+
 def measure(cluster: Cluster, prompts: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
+    time.sleep(_REPORT_WAIT_S)  # what came before (the profile) is in the counters
     before = cluster.prefix_counters()
     load = LoadConfig(max_concurrency=args.max_concurrency, disable_tqdm=True, seed=args.seed)
     run = run_load(_inputs(cluster, prompts, args.max_tokens), load)
+    time.sleep(_REPORT_WAIT_S)
     after = cluster.prefix_counters()
     ok: list[RequestOutput] = [o for o in run.outputs if o.success]
     per_worker = {
