@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from contract.finish import FinishReason as FinishReason  # the gateway names it from here
+from contract.structured import StructuredOutputs
 
 
 @dataclass(slots=True, frozen=True)
@@ -28,6 +29,7 @@ class GenerationParams:
     logprobs: int | None = None  # top-N per token; 0: only the sampled token's logprob
     skip_special_tokens: bool = True
     n: int = 1
+    structured_outputs: StructuredOutputs | None = None  # checked here, compiled by the engine
     logit_bias: dict[int, float] = field(default_factory=dict)  # refused when non-empty
 
 

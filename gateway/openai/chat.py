@@ -27,7 +27,8 @@ async def create_chat_completion(
     runs = open_runs(core, [GenerateRequest(prompt, params)])
     meta = ResponseMeta.new("chatcmpl", core.config.model_name)
     if body.stream:
-        return await start_sse(request, _events(core, meta, runs[0], body.include_usage))
+        events = _events(core, meta, runs[0], body.include_usage, body.continuous_usage)
+        return await start_sse(request, events)
     results = await unless_disconnected(request, collect(merged(runs), params.n, 1))
     return JSONResponse(_response_body(core, meta, runs[0], results))
 
@@ -57,7 +58,11 @@ def _response_body(
 
 
 async def _events(
-    core: GatewayCore, meta: ResponseMeta, run: RequestRun, include_usage: bool
+    core: GatewayCore,
+    meta: ResponseMeta,
+    run: RequestRun,
+    include_usage: bool,
+    continuous_usage: bool,
 ) -> AsyncIterator[str]:
     """Per choice: a role chunk when its first delta arrives, then content, then the finish."""
     want_logprobs = run.params.logprobs is not None
@@ -77,7 +82,7 @@ async def _events(
                 "logprobs": None,
                 "finish_reason": None,
             }
-            yield sse({**head, "choices": [role], "usage": None})
+            yield sse({**head, "choices": [role], "usage": _usage(run, continuous_usage)})
         if not (delta.text or delta.finish_reason or (want_logprobs and delta.token_ids)):
             continue
         choice = {
@@ -89,7 +94,12 @@ async def _events(
             "finish_reason": delta.finish_reason,
             "stop_reason": delta.stop_reason,
         }
-        yield sse({**head, "choices": [choice], "usage": None})
+        yield sse({**head, "choices": [choice], "usage": _usage(run, continuous_usage)})
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage_body([run])})
     yield DONE
+
+
+def _usage(run: RequestRun, continuous: bool) -> dict[str, Any] | None:
+    """stream_options.continuous_usage_stats: every chunk carries the usage so far."""
+    return usage_body([run]) if continuous else None

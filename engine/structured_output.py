@@ -1,0 +1,104 @@
+"""Structured outputs with xgrammar: compiled grammars (cached), one matcher per request, and
+the token bitmask of a batch.
+
+The step, in the engine's order:
+  1. `add_request` / `reserve_import` -> `StructuredOutputManager.matcher(spec)` compiles the
+     grammar once per distinct spec (an LRU cache) and gives the request its own matcher;
+  2. before sampling, `fill_bitmask(requests)` writes one row of allowed tokens per request
+     (rows without a grammar allow everything), or returns None when no request has one;
+  3. the sampler calls `apply_bitmask(logits, bitmask)`: disallowed tokens get -inf;
+  4. every accepted token advances the request's matcher (`accept(request, token)`); a matcher
+     that has accepted a stop token is terminated and the request stops.
+
+`apply_bitmask` is the one step a speculative verifier calls too: it takes any (rows, vocab)
+logits and the bitmask rows for them (for k draft positions of one request, fill k rows from a
+forked matcher advanced over the draft), so grammar masking is never re-implemented there.
+
+Disaggregated: the prefill worker's request samples its first token under the grammar; the decode
+worker builds its own matcher from the same spec and replays that first token into it
+(`commit_import`), which is the same matcher state the prefill worker had.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import torch
+import xgrammar as xgr
+
+from contract.structured import StructuredOutputs
+
+_MAX_CACHED_GRAMMARS = 256
+
+
+class StructuredOutputManager:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]) -> None:
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids) or None
+        )
+        # xgrammar's own cache is keyed by its inputs too; ours bounds memory and counts hits.
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        self._cache: OrderedDict[StructuredOutputs, xgr.CompiledGrammar] = OrderedDict()
+        self.num_compiled = 0
+
+    def matcher(self, spec: StructuredOutputs) -> xgr.GrammarMatcher:
+        """A fresh matcher for `spec`; ValueError if the grammar does not compile."""
+        return xgr.GrammarMatcher(self.compiled(spec))
+
+    def compiled(self, spec: StructuredOutputs) -> xgr.CompiledGrammar:
+        grammar = self._cache.get(spec)
+        if grammar is not None:
+            self._cache.move_to_end(spec)
+            return grammar
+        grammar = self._compile(spec)
+        self.num_compiled += 1
+        self._cache[spec] = grammar
+        if len(self._cache) > _MAX_CACHED_GRAMMARS:
+            self._cache.popitem(last=False)
+        return grammar
+
+    def fill_bitmask(self, matchers: list) -> torch.Tensor | None:
+        """(rows, ceil(V / 32)) int32 bitmask, one row per entry (None: no constraint), or None
+        when no entry has a matcher."""
+        if all(m is None for m in matchers):
+            return None
+        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)  # all allowed
+        for row, m in enumerate(matchers):
+            if m is not None and not m.is_terminated():
+                m.fill_next_token_bitmask(bitmask, row)
+        return bitmask
+
+    def _compile(self, spec: StructuredOutputs) -> xgr.CompiledGrammar:
+        kind = spec.kind
+        try:
+            if kind == "json":
+                return self._compiler.compile_json_schema(spec.json, any_whitespace=False)
+            if kind == "json_object":
+                return self._compiler.compile_builtin_json_grammar()
+            if kind == "regex":
+                return self._compiler.compile_regex(spec.regex)
+            if kind == "choice":
+                alternatives = " | ".join(json.dumps(c) for c in spec.choice)
+                return self._compiler.compile_grammar(f"root ::= {alternatives}")
+            return self._compiler.compile_grammar(spec.grammar)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"invalid structured output {kind}: {_first_line(exc)}") from None
+
+
+def accept(matcher, token: int) -> bool:
+    """Advance a request's matcher by its newest token (a terminated matcher accepts nothing)."""
+    return matcher is None or (not matcher.is_terminated() and matcher.accept_token(token))
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: tokens a row's bitmask disallows get -inf. logits (rows, >= V) float on any
+    device; bitmask (rows, ceil(V / 32)) int32 from `fill_bitmask` (moved to the logits' device)."""
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # xgrammar prefixes "[time] /path/file.cc:line: "; keep only the message.
+    return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
