@@ -71,20 +71,73 @@ class StructuredOutputManager:
         return bitmask
 
     def _compile(self, spec: StructuredOutputs) -> xgr.CompiledGrammar:
-        kind = spec.kind
         try:
-            if kind == "json":
-                return self._compiler.compile_json_schema(spec.json, any_whitespace=False)
-            if kind == "json_object":
-                return self._compiler.compile_builtin_json_grammar()
-            if kind == "regex":
-                return self._compiler.compile_regex(spec.regex)
-            if kind == "choice":
-                alternatives = " | ".join(json.dumps(c) for c in spec.choice)
-                return self._compiler.compile_grammar(f"root ::= {alternatives}")
-            return self._compiler.compile_grammar(spec.grammar)
+            return self._compiler.compile_grammar(_valid_utf8(_ebnf(spec)))
         except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"invalid structured output {kind}: {_first_line(exc)}") from None
+            raise ValueError(f"invalid structured output {spec.kind}: {_first_line(exc)}") from None
+
+
+def _ebnf(spec: StructuredOutputs) -> str:
+    """The constraint as xgrammar EBNF (JSON: no free whitespace)."""
+    kind = spec.kind
+    if kind == "json":
+        grammar = xgr.Grammar.from_json_schema(spec.json, any_whitespace=False)
+    elif kind == "json_object":  # any object (xgrammar's built-in JSON grammar allows arrays)
+        grammar = xgr.Grammar.from_json_schema(
+            '{"type": "object"}', any_whitespace=False, strict_mode=False
+        )
+    elif kind == "regex":
+        grammar = xgr.Grammar.from_regex(spec.regex)
+    elif kind == "choice":
+        grammar = xgr.Grammar.from_ebnf(
+            "root ::= " + " | ".join(json.dumps(c) for c in spec.choice)
+        )
+    else:
+        grammar = xgr.Grammar.from_ebnf(spec.grammar)
+    return str(grammar)
+
+
+# xgrammar's negated character classes admit the UTF-16 surrogates U+D800..U+DFFF, which are not
+# valid UTF-8 (the text decodes to U+FFFD), and its rule for the characters of a length-bounded
+# JSON string admits the control characters U+0000..U+001F, which JSON forbids unescaped: either
+# makes an output a JSON parser refuses. Both found by tests/gateway_tests/test_structured_outputs.
+_BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+
+
+def _valid_utf8(ebnf: str) -> str:
+    """Patch the character classes of xgrammar's printed EBNF (never inside string literals)."""
+    out: list[str] = []
+    i, in_string = 0, False
+    while i < len(ebnf):
+        c = ebnf[i]
+        if c == "\\":  # an escape, in a literal or a class: copy it whole
+            out.append(ebnf[i : i + 2])
+            i += 2
+            continue
+        if c == '"':
+            in_string = not in_string
+        elif c == "[" and not in_string:
+            end = _class_end(ebnf, i)
+            out.append(_patch_class(ebnf[i : end + 1]))
+            i = end + 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _class_end(ebnf: str, start: int) -> int:
+    i = start + 1
+    while ebnf[i] != "]":
+        i += 2 if ebnf[i] == "\\" else 1
+    return i
+
+
+def _patch_class(cls: str) -> str:
+    if cls == _BOUNDED_STRING_CHAR:
+        cls = _JSON_STRING_CHAR
+    return r"[^\uD800-\uDFFF" + cls[2:] if cls.startswith("[^") else cls
 
 
 def accept(matcher, token: int) -> bool:

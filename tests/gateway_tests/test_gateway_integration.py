@@ -35,7 +35,9 @@ MAX_TOKENS = 12
 
 
 class GatewayProcess:
-    def __init__(self, model: Path, prefill: str, decode: str, log_path: Path) -> None:
+    def __init__(
+        self, model: Path, prefill: str, decode: str, log_path: Path, *extra: str
+    ) -> None:
         argv = [
             sys.executable,
             "-m",
@@ -59,6 +61,7 @@ class GatewayProcess:
             "0.2",
             "--log-level",
             "warning",
+            *extra,
         ]
         self.log_path = log_path
         self._log = open(log_path, "w")

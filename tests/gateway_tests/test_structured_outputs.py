@@ -1,0 +1,220 @@
+"""Structured outputs through real processes (gateway + prefill worker + decode worker, tiny
+random Llama) with the official `openai` client: every output validates against its schema,
+greedy outputs equal one engine's (so the decode worker continued from the prefill worker's
+grammar state), and bad constraints are 400s."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import openai
+import pytest
+from test_gateway_integration import GatewayProcess, remote_prefills, wait_healthy
+from test_workers_integration import Worker
+
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams, StructuredOutputsParams
+
+LONG = "the quick brown fox jumps over the lazy dog and prefill on one worker"  # remote prefill
+SHORT = "hello"  # prefilled on the decode worker
+EAGER = "--enforce-eager"
+
+SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "kind": {"enum": ["cat", "dog", "fox"]},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["age", "kind", "ok"],
+    },
+    {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "maxItems": 3},
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 4},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 2},
+        },
+        "required": ["name", "tags"],
+    },
+    {"type": "string", "pattern": "^[a-c]{2,4}$"},
+    {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 9}, {"type": "null"}]},
+    {"const": {"v": 1}},
+    {
+        "type": "object",
+        "properties": {
+            "inner": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]}
+        },
+        "required": ["inner"],
+    },
+    {"type": "array", "prefixItems": [{"type": "boolean"}, {"enum": [1, 2]}], "items": False},
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("structured-logs")
+    # Eager: the grammar work is in the sampler, whichever forward produced the logits.
+    p = Worker("prefill", tiny_llama, logs / "prefill.log", "--kv-lease-ms", "20000", EAGER)
+    d = Worker("decode", tiny_llama, logs / "decode.log", EAGER)
+    g = None
+    try:
+        p.wait_listening()
+        d.wait_listening()
+        g = GatewayProcess(tiny_llama, p.address, d.address, logs / "gateway.log")
+        g.wait_listening()
+        wait_healthy(g.http)
+        g.client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused", max_retries=0)
+        yield g
+    finally:
+        codes = [g.terminate()] if g is not None else []
+        codes += [p.terminate(), d.terminate()]
+        assert codes == [0] * len(codes), (codes, g.log_tail() if g else "")
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama):
+    return LLM(model=str(tiny_llama), kv_cache_memory=1 << 20, device="cpu", enforce_eager=True)
+
+
+def _schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+
+
+@pytest.mark.parametrize("i", range(len(SCHEMAS)))
+def test_every_sampled_output_validates_against_its_schema(cluster, i):
+    schema = SCHEMAS[i]
+    out = cluster.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": LONG}],
+        response_format=_schema_format(schema),
+        n=3,
+        seed=i,
+        temperature=1.0,
+        max_tokens=60,
+    )
+    for choice in out.choices:
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_greedy_disaggregated_equals_one_engine(cluster, offline):
+    """The prefill worker samples the first token under the grammar and the decode worker
+    continues from it: the text equals the offline engine's, and it went through the prefill
+    worker."""
+    schema = SCHEMAS[0]
+    before = remote_prefills(cluster.http)
+    out = cluster.client.completions.create(
+        model="tiny",
+        prompt=LONG,
+        max_tokens=60,
+        temperature=0.0,
+        extra_body={"guided_json": schema},
+    )
+    assert remote_prefills(cluster.http) == before + 1
+    params = SamplingParams(
+        temperature=0.0, max_tokens=60, structured_outputs=StructuredOutputsParams(json=schema)
+    )
+    expected = offline.generate(LONG, params, use_tqdm=False)[0].outputs[0]
+    assert out.choices[0].text == expected.text
+    jsonschema.validate(json.loads(out.choices[0].text), schema)
+
+
+def test_seeded_structured_sampling_is_reproducible_and_streams(cluster):
+    body = dict(
+        model="tiny",
+        prompt=SHORT,
+        max_tokens=40,
+        temperature=1.0,
+        seed=7,
+        n=2,
+        extra_body={"structured_outputs": {"regex": "[a-z]{3,6}(-[0-9]{1,2})?"}},
+    )
+    first = cluster.client.completions.create(**body)
+    again = cluster.client.completions.create(**body)
+    texts = [c.text for c in first.choices]
+    assert texts == [c.text for c in again.choices]
+    assert all(re.fullmatch(r"[a-z]{3,6}(-[0-9]{1,2})?", t) for t in texts), texts
+    chunks = list(cluster.client.completions.create(**body, stream=True))
+    streamed = ["", ""]
+    for chunk in chunks:
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == texts
+
+
+def test_choice_with_logprobs_and_the_old_names(cluster):
+    choices = ["yes", "no", "maybe so"]
+    for extra in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        out = cluster.client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": LONG}],
+            n=4,
+            seed=1,
+            max_tokens=10,
+            logprobs=True,
+            top_logprobs=2,
+            extra_body=extra,
+        )
+        for c in out.choices:
+            assert c.message.content in choices
+            assert len(c.logprobs.content) >= 1 and all(
+                len(t.top_logprobs) == 2 for t in c.logprobs.content
+            )
+
+
+def test_grammar_and_json_object(cluster):
+    out = cluster.client.completions.create(
+        model="tiny",
+        prompt=SHORT,
+        max_tokens=30,
+        temperature=0.0,
+        extra_body={"guided_grammar": 'root ::= "x=" [0-9] [0-9]? ";"'},
+    )
+    assert re.fullmatch(r"x=[0-9][0-9]?;", out.choices[0].text)
+    chat = cluster.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=60,
+        temperature=0.0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(chat.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"response_format": _schema_format({"type": "nope"})}, "response_format"),
+        ({"guided_regex": "(("}, "guided_regex"),
+        ({"structured_outputs": {"json": {"type": "object"}, "regex": "a"}}, "structured_outputs"),
+        (
+            {"structured_outputs": {"whitespace_pattern": " "}},
+            "structured_outputs.whitespace_pattern",
+        ),
+        ({"guided_choice": []}, "guided_choice"),
+    ],
+)
+def test_invalid_constraints_are_400(cluster, extra, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        cluster.client.completions.create(
+            model="tiny", prompt=SHORT, max_tokens=4, extra_body=extra
+        )
+    assert err.value.body["param"] == param, err.value.body
+
+
+def test_a_grammar_only_the_engine_can_refuse_is_a_400(cluster):
+    for prompt in (SHORT, LONG):  # on the decode worker, then on the prefill worker
+        with pytest.raises(openai.BadRequestError) as err:
+            cluster.client.completions.create(
+                model="tiny",
+                prompt=prompt,
+                max_tokens=4,
+                extra_body={"guided_grammar": "root ::= undefined_rule"},
+            )
+        assert "grammar" in err.value.message
+    out = cluster.client.completions.create(model="tiny", prompt=LONG, max_tokens=2)
+    assert out.choices[0].finish_reason == "length"  # the workers still serve
