@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.tool_parsers import TOOL_PARSERS
+
 
 @dataclass(slots=True, frozen=True)
 class GatewayConfig:
@@ -30,6 +32,8 @@ class GatewayConfig:
     control_timeout_s: float = 5.0  # Abort, Release, GetLoad
     load_interval_s: float = 1.0  # how often workers are asked for their load
     retry_after_s: int = 1  # Retry-After on 429
+    tool_call_parser: str | None = None  # "hermes" | "llama3_json": parses tool_choice "auto"
+    enable_auto_tool_choice: bool = False  # as vLLM: "auto" needs this and a parser
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))  # accept a str too
@@ -43,6 +47,12 @@ class GatewayConfig:
         if len(set(self.decode_addresses)) != len(self.decode_addresses):
             raise ValueError("--decode lists an address twice")
         self._check_positive()
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {sorted(TOOL_PARSERS)}, got {self.tool_call_parser!r}"
+            )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (omit it to disable auth)")
 

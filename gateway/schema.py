@@ -45,15 +45,28 @@ class TokenPrompt:
 
 
 @dataclass(slots=True, frozen=True)
+class ToolCall:
+    """A function call an assistant made: `arguments` is the JSON text of the arguments."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True, frozen=True)
 class ChatMessage:
     role: str
     content: str
+    name: str | None = None
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
+    tool_calls: tuple[ToolCall, ...] = ()  # an "assistant" message's calls
 
 
 @dataclass(slots=True, frozen=True)
 class ChatPrompt:
     messages: tuple[ChatMessage, ...]
     add_generation_prompt: bool = True
+    tools: tuple[dict, ...] = ()  # OpenAI tool objects, handed to the chat template
 
 
 Prompt = TextPrompt | TokenPrompt | ChatPrompt

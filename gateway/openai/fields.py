@@ -33,7 +33,6 @@ IGNORED: dict[str, str] = {
     "disable_any_whitespace": "pdserve's JSON grammars already allow no free whitespace",
     "prediction": "OpenAI's predicted outputs (a latency hint)",
     "modalities": "OpenAI's output modalities (text is the only one)",
-    "parallel_tool_calls": "without tools there are no calls to parallelise",
 }
 
 # Fields pdserve does not implement, accepted at the value that asks for nothing.
@@ -51,8 +50,6 @@ NO_OP: dict[str, Any] = {
     "documents": [],
     "chat_template_kwargs": {},
     "mm_processor_kwargs": {},
-    "tools": [],
-    "tool_choice": "none",
     "functions": [],
     "logits_processors": [],
     "vllm_xargs": {},

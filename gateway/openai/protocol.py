@@ -7,6 +7,7 @@ A field a model does not declare is refused unless it cannot change the output
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
@@ -15,7 +16,7 @@ from contract.limits import MAX_LOGPROBS
 from contract.structured import StructuredOutputs
 from gateway.errors import invalid
 from gateway.openai.fields import refuse_unsupported
-from gateway.schema import ChatMessage, GenerationParams
+from gateway.schema import ChatMessage, GenerationParams, ToolCall
 from gateway.validation import check_structured_outputs
 
 
@@ -212,16 +213,36 @@ class ContentPart(_Body):
         return self.text
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCallBody(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def to_tool_call(self) -> ToolCall:
+        self.refuse_unsupported("messages.tool_calls.")
+        return ToolCall(self.id, self.function.name, self.function.arguments)
+
+
 class Message(_Body):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def to_chat_message(self) -> ChatMessage:
         self.refuse_unsupported("messages.")
         if isinstance(self.content, list):
-            return ChatMessage(self.role, "".join(part.to_text() for part in self.content))
-        return ChatMessage(self.role, self.content or "")
+            content = "".join(part.to_text() for part in self.content)
+        else:
+            content = self.content or ""
+        calls = tuple(c.to_tool_call() for c in self.tool_calls or ())
+        return ChatMessage(self.role, content, self.name, self.tool_call_id, calls)
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -231,11 +252,15 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: StrictBool = False
     top_logprobs: int | None = None
     add_generation_prompt: StrictBool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
     # vLLM accepts a Jinja template per request (behind a trust flag); rendering a client's
     # template is running a client's code, so it is refused, not silently ignored.
     chat_template: str | None = None
 
-    def to_params(self) -> GenerationParams:
+    def to_params(self, tool_constraint: StructuredOutputs | None = None) -> GenerationParams:
+        """`tool_constraint`: what tool_choice required / a named function enforces."""
         if self.chat_template is not None:
             raise invalid(
                 "a chat template in the request is not accepted: prompts are rendered with the "
@@ -253,7 +278,16 @@ class ChatCompletionRequest(_SamplingRequest):
         max_tokens = self.max_completion_tokens
         if max_tokens is None:
             max_tokens = self.max_tokens
-        return self._params(max_tokens, logprobs)
+        params = self._params(max_tokens, logprobs)
+        if tool_constraint is None:
+            return params
+        if params.structured_outputs is not None:
+            raise invalid(
+                "tool_choice required or a named function cannot be combined with a "
+                "structured-output field",
+                "tool_choice",
+            )
+        return replace(params, structured_outputs=tool_constraint)
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
         return tuple(m.to_chat_message() for m in self.messages)

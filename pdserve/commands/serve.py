@@ -12,6 +12,7 @@ from pathlib import Path
 
 from engine.cli_args import add_engine_args
 from pdserve.commands.convert import add_cache_dir_arg
+from pdserve.commands.gateway import add_tool_args
 from pdserve.launcher import (
     DECODE_PORT,
     GATEWAY_API_KEY_ENV,
@@ -50,6 +51,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     gw.add_argument("--api-key", default=os.environ.get(GATEWAY_API_KEY_ENV) or None,
                     help=f"require 'Authorization: Bearer KEY' (or set {GATEWAY_API_KEY_ENV})")  # fmt: skip
     gw.add_argument("--chat-template", default=None, help="a template file or the template text")
+    add_tool_args(gw)
 
 
 def engine_flag_argv(args: argparse.Namespace) -> list[str]:
@@ -89,9 +91,12 @@ def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
         ("--served-model-name", args.served_model_name),
         ("--chat-template", args.chat_template),
         ("--max-model-len", args.max_model_len),
+        ("--tool-call-parser", args.tool_call_parser),
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if args.enable_auto_tool_choice:
+        argv.append("--enable-auto-tool-choice")
     return argv
 
 

@@ -15,6 +15,7 @@ from gateway.tokenizer import GatewayTokenizer
 
 OK, META, NO = "honoured", "ignored", "refused"
 SCHEMA = {"type": "object"}
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}]
 
 # Shared by both routes: (field, a value that asks for something, treatment, other fields needed)
 COMMON = [
@@ -85,9 +86,10 @@ CHAT = COMMON + [
     ("max_completion_tokens", 3, OK, {}),
     ("logprobs", True, OK, {}),
     ("top_logprobs", 2, OK, {"logprobs": True}),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], NO, {}),
-    ("tool_choice", "required", NO, {}),
-    ("parallel_tool_calls", False, META, {}),
+    ("tools", TOOLS, OK, {"tool_choice": "none"}),
+    ("tool_choice", "required", OK, {"tools": TOOLS}),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}, OK, {"tools": TOOLS}),
+    ("parallel_tool_calls", False, OK, {"tools": TOOLS, "tool_choice": "required"}),
     ("reasoning_effort", "low", NO, {}),
     ("include_reasoning", False, NO, {}),
     ("best_of", 2, NO, {}),
@@ -179,6 +181,26 @@ def test_unsupported_nested_fields_name_their_path(client):
         client.chat.completions.create(
             model="tiny",
             max_tokens=2,
-            messages=[{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}],
+            messages=[{"role": "assistant", "content": "x", "refusal": "no"}],
         )
-    assert err.value.body["param"] == "messages.tool_calls"
+    assert err.value.body["param"] == "messages.refusal"
+
+
+def test_tool_choice_errors_name_their_field(client):
+    def create(**kw):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, **kw
+            )
+        return err.value.body["param"]
+
+    assert create(tools=TOOLS) == "tool_choice"  # auto needs --enable-auto-tool-choice
+    assert create(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "g"}}) == (
+        "tool_choice"
+    )
+    assert create(tool_choice="required") == "tool_choice"
+    assert create(tools=[{"type": "retrieval"}], tool_choice="none") == "tools"
+    assert (
+        create(tools=TOOLS, tool_choice="required", extra_body={"guided_regex": "a"})
+        == "tool_choice"
+    )

@@ -1,4 +1,4 @@
-"""Structured outputs through real processes (gateway + prefill worker + decode worker, tiny
+"""Structured outputs and tool calling through real processes (gateway + prefill worker + decode worker, tiny
 random Llama) with the official `openai` client: every output validates against its schema,
 greedy outputs equal one engine's (so the decode worker continued from the prefill worker's
 grammar state), and bad constraints are 400s."""
@@ -64,7 +64,15 @@ def cluster(tiny_llama, tmp_path_factory):
     try:
         p.wait_listening()
         d.wait_listening()
-        g = GatewayProcess(tiny_llama, p.address, d.address, logs / "gateway.log")
+        g = GatewayProcess(
+            tiny_llama,
+            p.address,
+            d.address,
+            logs / "gateway.log",
+            "--tool-call-parser",
+            "hermes",
+            "--enable-auto-tool-choice",
+        )
         g.wait_listening()
         wait_healthy(g.http)
         g.client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused", max_retries=0)
@@ -221,3 +229,114 @@ def test_a_grammar_only_the_engine_can_refuse_is_a_400(cluster):
         assert "grammar" in err.value.message
     out = cluster.client.completions.create(model="tiny", prompt=LONG, max_tokens=2)
     assert out.choices[0].finish_reason == "length"  # the workers still serve
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Rome"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters
+
+
+def test_tool_call_then_result_then_answer(cluster):
+    """A tiny random model calls only when made to: tool_choice names the function."""
+    messages = [{"role": "user", "content": "weather in Paris for two days?"}]
+    first = cluster.client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        tools=[WEATHER, TIME],
+        max_tokens=40,
+        temperature=0.0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    messages.append(choice.message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"})
+    final = cluster.client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        tools=[WEATHER, TIME],
+        max_tokens=8,
+        temperature=0.0,
+        tool_choice="none",
+    )
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert final.choices[0].message.tool_calls is None
+    assert isinstance(final.choices[0].message.content, str)
+    assert final.usage.prompt_tokens > first.usage.prompt_tokens  # the history reached it
+
+
+def test_required_calls_a_declared_function(cluster):
+    out = cluster.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": LONG}],
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        n=3,
+        seed=3,
+        max_tokens=60,
+    )
+    for choice in out.choices:
+        assert choice.finish_reason == "tool_calls", choice
+        (call,) = choice.message.tool_calls
+        assert call.function.name in ("get_weather", "get_time")
+        if call.function.name == "get_weather":
+            jsonschema.validate(
+                json.loads(call.function.arguments), WEATHER["function"]["parameters"]
+            )
+    ids = [c.message.tool_calls[0].id for c in out.choices]
+    assert len(set(ids)) == len(ids)
+
+
+def test_streamed_tool_calls_have_openais_shape(cluster):
+    stream = cluster.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": SHORT}],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=40,
+        temperature=0.0,
+        stream=True,
+    )
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or ():
+                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["id"] = d.id or entry.get("id")
+                entry["name"] += (d.function.name or "") if d.function else ""
+                entry["arguments"] += (d.function.arguments or "") if d.function else ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0]
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_auto_tool_choice_parses_only_real_calls(cluster):
+    """The random model writes no <tool_call> block: the text stays content."""
+    out = cluster.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": SHORT}],
+        tools=[WEATHER],
+        max_tokens=6,
+        temperature=0.0,
+    )
+    assert out.choices[0].message.tool_calls is None
+    assert out.choices[0].message.content and out.choices[0].finish_reason != "tool_calls"
