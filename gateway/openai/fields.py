@@ -28,6 +28,7 @@ IGNORED: dict[str, str] = {
     "priority": "vLLM's scheduling priority (pdserve schedules first come, first served)",
     "request_id": "vLLM's request id (pdserve makes its own, returned as `id`)",
     "cache_salt": "vLLM's prefix-cache salt (isolation only, never the output)",
+    "cache_prompt": "llama.cpp's prompt-cache hint (pdserve's benchmarks send it to both servers)",
     "guided_decoding_backend": "vLLM's backend choice (pdserve always uses xgrammar)",
     "disable_fallback": "vLLM's structured-output backend fallback (there is none to fall to)",
     "disable_any_whitespace": "pdserve's JSON grammars already allow no free whitespace",
