@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from contract.limits import MAX_LOGPROBS
+from contract.structured import StructuredOutputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,13 @@ SAMPLING_FIELDS: tuple[SamplingField, ...] = (
     ),  # top-N per token; 0: only the sampled one's
     SamplingField("skip_special_tokens", True, False, False),  # detokenization
     SamplingField("n", 1, 2, False, 0),  # the gateway runs n choices
+    SamplingField(  # compiled by the engine (xgrammar); the prefill and decode workers both get it
+        "structured_outputs",
+        None,
+        StructuredOutputs(regex="[ab]{1,4}"),
+        True,
+        StructuredOutputs(regex="a", json_object=True),
+    ),
 )
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in SAMPLING_FIELDS)

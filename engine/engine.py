@@ -27,6 +27,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.stop_checker import StopChecker
+from engine.structured_output import StructuredOutputManager, accept
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = _eos_ids(self.model_path, self.hf_config, self.tokenizer)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
+        self.structured = StructuredOutputManager(
+            self.tokenizer, self.vocab_size, self.eos_token_ids
+        )
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
@@ -194,6 +198,9 @@ class LLMEngine:
             raise ValueError(
                 f"first token {first_token} outside the vocabulary [0, {self.vocab_size})"
             )
+        if not accept(request.matcher, first_token):
+            self.abort_request(request_id)
+            raise ValueError(f"first token {first_token} is not allowed by the request's grammar")
         request.num_computed_tokens = request.num_prompt_tokens
         self.kv.cache_full_blocks(request)
         if request.generator is not None and not request.params.greedy:
@@ -257,7 +264,11 @@ class LLMEngine:
         ]
         if not sampling:
             return []
-        sampled = self.sampler(logits, sampling)
+        bitmask = self.structured.fill_bitmask([r.matcher for r in sampling])
+        sampled = self.sampler(logits, sampling, bitmask)
+        for request, token in zip(sampling, sampled.token_ids, strict=True):
+            if not accept(request.matcher, token):  # the bitmask allowed it: a bug if not
+                log.error("grammar refused sampled token %d of %s", token, request.request_id)
         return self._accept_tokens(sampling, sampled.token_ids, sampled.logprobs)
 
     def _accept_tokens(
@@ -328,6 +339,8 @@ class LLMEngine:
         request = Request(request_id, list(prompt_token_ids), params, prefill_only=prefill_only)
         if params.seed is not None:
             request.generator = torch.Generator().manual_seed(params.seed)
+        if params.structured_outputs is not None:  # ValueError if it does not compile
+            request.matcher = self.structured.matcher(params.structured_outputs)
         return request
 
     def check_prompt(self, prompt_token_ids) -> None:

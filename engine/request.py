@@ -42,6 +42,7 @@ class Request:
     num_preemptions: int = 0
     generator: object | None = None  # torch.Generator when params.seed is set
     text: TextStream | None = None  # with stop strings: the detokenized output, matched as it grows
+    matcher: object | None = None  # xgrammar GrammarMatcher when params.structured_outputs is set
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

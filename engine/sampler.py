@@ -1,6 +1,7 @@
 """Vectorised sampling for one batch of rows (one row per request that samples this step).
 
-Order: penalties -> min_tokens masking -> temperature -> top-k / top-p / min-p -> draw.
+Order: penalties -> min_tokens masking -> structured-output bitmask -> temperature ->
+top-k / top-p / min-p -> draw.
 Greedy rows take argmax. Seeded rows draw with their own torch.Generator, so a seeded request
 is reproducible whatever else shares the batch; the others share the engine's generator.
 Logprobs are those of the model's raw distribution (log_softmax of the logits), as vLLM reports.
@@ -14,6 +15,7 @@ import torch
 
 from engine.outputs import TokenLogprob
 from engine.request import Request
+from engine.structured_output import apply_bitmask
 
 
 @dataclass(slots=True)
@@ -28,12 +30,21 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, requests: list[Request], bitmask: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """`bitmask`: (S, ceil(V / 32)) int32 allowed-token rows from the structured-output
+        manager, or None when no row is constrained."""
         logits = logits[:, : self.vocab_size].float().cpu()  # (S, V)
         raw = logits
-        if any(_edits_logits(r) for r in requests):  # keep `raw` for logprobs
-            logits = self._apply_penalties(logits.clone(), requests)
+        edits = any(_edits_logits(r) for r in requests)
+        if edits or bitmask is not None:  # keep `raw` for logprobs
+            logits = logits.clone()
+        if edits:
+            logits = self._apply_penalties(logits, requests)
             self._mask_early_stop(logits, requests)
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)
         tokens = self._draw(logits, requests)
         return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, requests))
 

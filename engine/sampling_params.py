@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from contract.limits import MAX_LOGPROBS as _MAX_LOGPROBS
+from contract.structured import StructuredOutputs
+
+StructuredOutputsParams = StructuredOutputs  # vLLM's name
 
 
 @dataclass(slots=True)
@@ -28,6 +31,7 @@ class SamplingParams:
         None  # number of top logprobs per sampled token (0: only the sampled one)
     )
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None  # compiled by the engine (xgrammar)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +83,10 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputs):
+                raise ValueError("structured_outputs must be StructuredOutputsParams")
+            self.structured_outputs.check()
 
     @property
     def greedy(self) -> bool:

@@ -24,6 +24,8 @@ class StopChecker:
         p = request.params
         token = request.all_token_ids[-1]
         n_out = request.num_output_tokens
+        if request.matcher is not None and request.matcher.is_terminated():
+            return Stop("stop", None if token in self.eos_token_ids else token)
         if p.stop:
             hit = self._stop_string(request, token)
             if hit is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gateway.discovery import parse_entries
 from gateway.router import DEFAULT_ROUTER, ROUTER_NAMES
+from gateway.tool_parsers import TOOL_PARSERS
 
 
 @dataclass(slots=True, frozen=True)
@@ -35,6 +36,8 @@ class GatewayConfig:
     control_timeout_s: float = 5.0  # Abort, Release, GetLoad
     load_interval_s: float = 1.0  # how often workers are asked for their load
     retry_after_s: int = 1  # Retry-After on 429
+    tool_call_parser: str | None = None  # "hermes" | "llama3_json": parses tool_choice "auto"
+    enable_auto_tool_choice: bool = False  # as vLLM: "auto" needs this and a parser
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))  # accept a str too
@@ -45,6 +48,12 @@ class GatewayConfig:
         if self.router not in ROUTER_NAMES:
             raise ValueError(f"router must be one of {', '.join(ROUTER_NAMES)}, got {self.router!r}")
         self._check_positive()
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {sorted(TOOL_PARSERS)}, got {self.tool_call_parser!r}"
+            )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (omit it to disable auth)")
 

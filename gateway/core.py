@@ -133,7 +133,9 @@ class GatewayCore:
             check_text(message.content, "messages")
             check_text(message.role, "messages")
         try:
-            return self.tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                prompt.messages, prompt.add_generation_prompt, prompt.tools
+            )
         except ChatTemplateError as exc:
             raise invalid(str(exc), "messages") from exc
 

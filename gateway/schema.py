@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from contract.finish import FinishReason as FinishReason  # the gateway names it from here
+from contract.structured import StructuredOutputs
 
 
 @dataclass(slots=True, frozen=True)
@@ -28,6 +29,7 @@ class GenerationParams:
     logprobs: int | None = None  # top-N per token; 0: only the sampled token's logprob
     skip_special_tokens: bool = True
     n: int = 1
+    structured_outputs: StructuredOutputs | None = None  # checked here, compiled by the engine
     logit_bias: dict[int, float] = field(default_factory=dict)  # refused when non-empty
 
 
@@ -43,15 +45,28 @@ class TokenPrompt:
 
 
 @dataclass(slots=True, frozen=True)
+class ToolCall:
+    """A function call an assistant made: `arguments` is the JSON text of the arguments."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True, frozen=True)
 class ChatMessage:
     role: str
     content: str
+    name: str | None = None
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
+    tool_calls: tuple[ToolCall, ...] = ()  # an "assistant" message's calls
 
 
 @dataclass(slots=True, frozen=True)
 class ChatPrompt:
     messages: tuple[ChatMessage, ...]
     add_generation_prompt: bool = True
+    tools: tuple[dict, ...] = ()  # OpenAI tool objects, handed to the chat template
 
 
 Prompt = TextPrompt | TokenPrompt | ChatPrompt

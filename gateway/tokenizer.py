@@ -103,20 +103,53 @@ class GatewayTokenizer:
         return self._template is not None
 
     def apply_chat_template(
-        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict] = (),
     ) -> str:
         """Render the conversation to text (tokenize it with add_special_tokens=False)."""
         if self._template is None:
             raise ChatTemplateError(
                 "the model has no chat template; start the gateway with --chat-template"
             )
-        plain = [{"role": m.role, "content": m.content} for m in messages]
+        plain = [_message_dict(m) for m in messages]
+        extra = {"tools": list(tools)} if tools else {}
         try:
             return self._template.render(
-                messages=plain, add_generation_prompt=add_generation_prompt, **self._special
+                messages=plain,
+                add_generation_prompt=add_generation_prompt,
+                **extra,
+                **self._special,
             )
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the chat template failed on these messages: {exc}") from exc
+
+
+def _message_dict(m: ChatMessage) -> dict[str, Any]:
+    """A message as transformers hands it to templates: tool-call arguments as a dict."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": _arguments(c.arguments)},
+            }
+            for c in m.tool_calls
+        ]
+    return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import jsonschema
+
+from contract.structured import StructuredOutputs
 from gateway.errors import invalid
 from gateway.schema import GenerationParams
 
@@ -44,6 +49,8 @@ def validate_params(p: GenerationParams, limits: Limits) -> None:
     _check_sampling(p)
     _check_counts(p, limits)
     _check_stops(p, limits)
+    if p.structured_outputs is not None:
+        check_structured_outputs(p.structured_outputs, "structured_outputs")
     if p.logit_bias:
         check_token_ids(list(p.logit_bias), limits.vocab_size, "logit_bias")
         raise invalid("logit_bias is not supported by this server's workers", "logit_bias")
@@ -115,6 +122,27 @@ def _check_stops(p: GenerationParams, limits: Limits) -> None:
         _require(stop != "", "stop strings must not be empty", "stop")
         check_text(stop, "stop")
     check_token_ids(p.stop_token_ids, limits.vocab_size, "stop_token_ids")
+
+
+def check_structured_outputs(spec: StructuredOutputs, param: str) -> None:
+    """What can be checked without the model's vocabulary: one constraint, a valid JSON schema
+    (meta-schema check), a regex Python compiles. The engine refuses what xgrammar cannot compile
+    (INVALID_ARGUMENT, a 400 too)."""
+    try:
+        spec.check()
+    except ValueError as exc:
+        raise invalid(str(exc), param) from None
+    if spec.json is not None:
+        schema = json.loads(spec.json)
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise invalid(f"invalid JSON schema: {exc.message}", param) from None
+    if spec.regex is not None:
+        try:
+            re.compile(spec.regex)
+        except re.error as exc:
+            raise invalid(f"invalid regex {spec.regex!r}: {exc}", param) from None
 
 
 def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:

@@ -25,7 +25,11 @@ def __getattr__(name):
         from engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from contract.structured import StructuredOutputs
+
+        return StructuredOutputs
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "__version__"]

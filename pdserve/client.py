@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from contract.structured import StructuredOutputs
 from protos.pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 from rpc.auth import bearer_metadata
 from rpc.finish import finish_reason_from_pb
@@ -53,6 +54,7 @@ class GenerationOptions:
     logprobs: int | None = None
     skip_special_tokens: bool | None = None
     n: int | None = None
+    structured_outputs: StructuredOutputs | None = None  # json / regex / choice / grammar
 
 
 @dataclass(slots=True, frozen=True)

@@ -4,10 +4,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
+
+from contract.structured import StructuredOutputs
+
+# Message-typed fields and the contract dataclass each one is (its fields named as the message's).
+_MESSAGES: dict[str, type] = {"StructuredOutputs": StructuredOutputs}
 
 
 def fields_from_pb(message: Any) -> dict[str, Any]:
@@ -18,7 +24,10 @@ def fields_from_pb(message: Any) -> dict[str, Any]:
         if _repeated(fd):
             values[fd.name] = tuple(getattr(message, fd.name))
         elif message.HasField(fd.name):
-            values[fd.name] = getattr(message, fd.name)
+            value = getattr(message, fd.name)
+            if fd.message_type is not None:
+                value = _MESSAGES[fd.message_type.name](**fields_from_pb(value))
+            values[fd.name] = value
     return values
 
 
@@ -30,6 +39,9 @@ def fields_to_pb(message: Any, values: Mapping[str, Any]) -> Any:
             continue
         if _repeated(descriptor[name]):
             getattr(message, name).extend(value)
+        elif descriptor[name].message_type is not None:  # a contract dataclass
+            getattr(message, name).SetInParent()
+            fields_to_pb(getattr(message, name), _defaults_unset(value))
         else:
             setattr(message, name, value)
     return message
@@ -38,3 +50,13 @@ def fields_to_pb(message: Any, values: Mapping[str, Any]) -> Any:
 def _repeated(fd: FieldDescriptor) -> bool:
     flag = getattr(fd, "is_repeated", None)  # protobuf >= 5.29; `label` is gone in 7
     return bool(flag) if flag is not None else fd.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _defaults_unset(value: Any) -> dict[str, Any]:
+    """A dataclass's fields, its defaults left unset (so `HasField` tells what was chosen)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if v != f.default:
+            out[f.name] = v
+    return out

@@ -14,6 +14,7 @@ from gateway.openai.common import ResponseMeta, check_model, open_runs
 from gateway.openai.logprobs import chat_logprobs
 from gateway.openai.protocol import ChatCompletionRequest
 from gateway.openai.streaming import DONE, merged, sse, start_sse, unless_disconnected
+from gateway.openai.tools import ToolPlan, call_objects, plan_tools
 from gateway.request_run import RequestRun
 from gateway.schema import ChatPrompt, GenerateRequest
 
@@ -22,30 +23,58 @@ async def create_chat_completion(
     core: GatewayCore, body: ChatCompletionRequest, request: Request
 ) -> Response:
     check_model(core, body.model)
-    params = body.to_params()
-    prompt = ChatPrompt(body.chat_messages(), body.add_generation_prompt)
+    config = core.config
+    plan = plan_tools(
+        body.tools,
+        body.tool_choice,
+        body.parallel_tool_calls,
+        config.tool_call_parser,
+        config.enable_auto_tool_choice,
+    )
+    params = body.to_params(plan.constraint())
+    prompt = ChatPrompt(body.chat_messages(), body.add_generation_prompt, plan.tools)
     runs = open_runs(core, [GenerateRequest(prompt, params)])
     meta = ResponseMeta.new("chatcmpl", core.config.model_name)
     if body.stream:
-        return await start_sse(request, _events(core, meta, runs[0], body.include_usage))
+        events = _events(core, meta, runs[0], plan, body.include_usage, body.continuous_usage)
+        return await start_sse(request, events)
     results = await unless_disconnected(request, collect(merged(runs), params.n, 1))
-    return JSONResponse(_response_body(core, meta, runs[0], results))
+    return JSONResponse(_response_body(core, meta, runs[0], plan, results))
+
+
+def _message(
+    plan: ToolPlan, text: str, finish_reason: str | None
+) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of a finished choice, and its finish reason (tool_calls if any)."""
+    if not plan.parses or finish_reason != "stop":
+        return {"role": "assistant", "content": text}, finish_reason
+    parsed = plan.parse(text)
+    if not parsed.calls:
+        return {"role": "assistant", "content": parsed.content}, finish_reason
+    calls = [{k: v for k, v in c.items() if k != "index"} for c in call_objects(parsed)]
+    return {"role": "assistant", "content": parsed.content, "tool_calls": calls}, "tool_calls"
 
 
 def _response_body(
-    core: GatewayCore, meta: ResponseMeta, run: RequestRun, results: Sequence[ChoiceResult]
+    core: GatewayCore,
+    meta: ResponseMeta,
+    run: RequestRun,
+    plan: ToolPlan,
+    results: Sequence[ChoiceResult],
 ) -> dict[str, Any]:
     want_logprobs = run.params.logprobs is not None
-    choices = [
-        {
-            "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": chat_logprobs(core.tokenizer, c.logprobs) if want_logprobs else None,
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-        }
-        for c in results
-    ]
+    choices = []
+    for c in results:
+        message, finish_reason = _message(plan, c.text, c.finish_reason)
+        choices.append(
+            {
+                "index": c.index,
+                "message": message,
+                "logprobs": chat_logprobs(core.tokenizer, c.logprobs) if want_logprobs else None,
+                "finish_reason": finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+        )
     return {
         "id": meta.id,
         "object": "chat.completion",
@@ -57,9 +86,15 @@ def _response_body(
 
 
 async def _events(
-    core: GatewayCore, meta: ResponseMeta, run: RequestRun, include_usage: bool
+    core: GatewayCore,
+    meta: ResponseMeta,
+    run: RequestRun,
+    plan: ToolPlan,
+    include_usage: bool,
+    continuous_usage: bool,
 ) -> AsyncIterator[str]:
-    """Per choice: a role chunk when its first delta arrives, then content, then the finish."""
+    """Per choice: a role chunk when its first delta arrives, then content, then the finish.
+    When the text becomes tool calls, it is held back and the calls come in the last delta."""
     want_logprobs = run.params.logprobs is not None
     head = {
         "id": meta.id,
@@ -68,6 +103,7 @@ async def _events(
         "model": meta.model,
     }
     started: set[int] = set()
+    held: dict[int, str] = {}  # choice -> text held back for tool-call parsing
     async for _, delta in merged([run]):
         if delta.index not in started:
             started.add(delta.index)
@@ -77,19 +113,41 @@ async def _events(
                 "logprobs": None,
                 "finish_reason": None,
             }
-            yield sse({**head, "choices": [role], "usage": None})
-        if not (delta.text or delta.finish_reason or (want_logprobs and delta.token_ids)):
+            yield sse({**head, "choices": [role], "usage": _usage(run, continuous_usage)})
+        content: dict[str, Any] = {"content": delta.text} if delta.text else {}
+        finish_reason = delta.finish_reason
+        if plan.parses:
+            held[delta.index] = held.get(delta.index, "") + delta.text
+            content = {}
+            if finish_reason is not None:
+                content, finish_reason = _final_delta(plan, held.pop(delta.index), finish_reason)
+        if not (content or finish_reason or (want_logprobs and delta.token_ids)):
             continue
         choice = {
             "index": delta.index,
-            "delta": {"content": delta.text} if delta.text else {},
+            "delta": content,
             "logprobs": chat_logprobs(core.tokenizer, delta.logprobs or ())
             if want_logprobs
             else None,
-            "finish_reason": delta.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": delta.stop_reason,
         }
-        yield sse({**head, "choices": [choice], "usage": None})
+        yield sse({**head, "choices": [choice], "usage": _usage(run, continuous_usage)})
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage_body([run])})
     yield DONE
+
+
+def _final_delta(plan: ToolPlan, text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
+    message, finish_reason = _message(plan, text, finish_reason)
+    delta: dict[str, Any] = {}
+    if message.get("content"):
+        delta["content"] = message["content"]
+    if "tool_calls" in message:
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+    return delta, finish_reason  # type: ignore[return-value]
+
+
+def _usage(run: RequestRun, continuous: bool) -> dict[str, Any] | None:
+    """stream_options.continuous_usage_stats: every chunk carries the usage so far."""
+    return usage_body([run]) if continuous else None

@@ -24,28 +24,30 @@ async def create_completion(
 ) -> Response:
     check_model(core, body.model)
     params = body.to_params()
-    prompts = _prompts(body.prompt)
+    prompts = _prompts(body.prompt, body.add_special_tokens)
     runs = open_runs(core, [GenerateRequest(p, params) for p in prompts])
     meta = ResponseMeta.new("cmpl", core.config.model_name)
     echoes = [
         _echo_text(core, p, r) if body.echo else "" for p, r in zip(prompts, runs, strict=True)
     ]
     if body.stream:
-        events = _events(core, meta, runs, echoes, body.include_usage)
+        events = _events(core, meta, runs, echoes, body.include_usage, body.continuous_usage)
         return await start_sse(request, events)
     results = await unless_disconnected(request, collect(merged(runs), params.n, len(runs)))
     return JSONResponse(_response_body(core, meta, runs, echoes, results))
 
 
-def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+def _prompts(
+    prompt: str | list[str] | list[int] | list[list[int]], add_special_tokens: bool
+) -> list[Prompt]:
     if isinstance(prompt, str):
-        return [TextPrompt(prompt)]
+        return [TextPrompt(prompt, add_special_tokens)]
     if not prompt:
         raise invalid("prompt must not be empty", "prompt")
     if all(isinstance(p, int) for p in prompt):
         return [TokenPrompt(tuple(prompt))]  # type: ignore[arg-type]
     if all(isinstance(p, str) for p in prompt):
-        return [TextPrompt(p) for p in prompt]  # type: ignore[misc]
+        return [TextPrompt(p, add_special_tokens) for p in prompt]  # type: ignore[misc]
     return [TokenPrompt(tuple(p)) for p in prompt]  # type: ignore[arg-type]
 
 
@@ -93,6 +95,7 @@ async def _events(
     runs: Sequence[RequestRun],
     echoes: Sequence[str],
     include_usage: bool,
+    continuous_usage: bool,
 ) -> AsyncIterator[str]:
     n = runs[0].params.n
     want_logprobs = runs[0].params.logprobs is not None
@@ -122,7 +125,9 @@ async def _events(
             "finish_reason": delta.finish_reason,
             "stop_reason": delta.stop_reason,
         }
-        yield sse({**head, "choices": [choice], "usage": None})
+        yield sse(
+            {**head, "choices": [choice], "usage": usage_body(runs) if continuous_usage else None}
+        )
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage_body(runs)})
     yield DONE

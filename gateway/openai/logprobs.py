@@ -21,13 +21,18 @@ class TokenTexts(Protocol):
 def completion_logprobs(
     tokenizer: TokenTexts, logprobs: Sequence[TokenLogprob], text_offset: int
 ) -> dict[str, Any]:
-    """{tokens, token_logprobs, top_logprobs, text_offset}, offsets starting at `text_offset`."""
+    """{tokens, token_logprobs, top_logprobs, text_offset}, offsets starting at `text_offset`.
+
+    As vLLM: each `top_logprobs` entry holds the sampled token and the top-N (up to N + 1
+    entries; `logprobs: 0` gives the sampled token's alone)."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for lp in logprobs:
         token = tokenizer.token_text(lp.token_id)
         tokens.append(token)
         token_logprobs.append(_finite(lp.logprob))
-        tops.append({tokenizer.token_text(t): _finite(v) for t, v in lp.top} if lp.top else None)
+        top = {token: _finite(lp.logprob)}
+        top.update((tokenizer.token_text(t), _finite(v)) for t, v in lp.top)
+        tops.append(top)
         offsets.append(text_offset)
         text_offset += len(token)
     return {

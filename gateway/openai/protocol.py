@@ -1,27 +1,87 @@
 """Request bodies of the OpenAI routes (pydantic), and their translation to core parameters.
 
-Unknown fields are ignored, as OpenAI clients send fields a server may not know.
+A field a model does not declare is refused unless it cannot change the output
+(`gateway/openai/fields.py` holds the policy and its lists).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from dataclasses import replace
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from contract.limits import MAX_LOGPROBS
+from contract.structured import StructuredOutputs
 from gateway.errors import invalid
-from gateway.schema import ChatMessage, GenerationParams
+from gateway.openai.fields import refuse_unsupported
+from gateway.schema import ChatMessage, GenerationParams, ToolCall
+from gateway.validation import check_structured_outputs
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Body(BaseModel):
+    """Undeclared fields are kept (`model_extra`) so that `refuse_unsupported` can judge them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def refuse_unsupported(self, prefix: str = "") -> None:
+        refuse_unsupported(self.model_extra, prefix)
+
+
+class StreamOptions(_Body):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # usage so far in every chunk
 
 
-class _SamplingRequest(BaseModel):
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # pdserve always enforces the schema
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def spec(self) -> StructuredOutputs | None:
+        self.refuse_unsupported("response_format.")
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise invalid(
+                "response_format of type json_schema needs json_schema.schema",
+                "response_format",
+            )
+        self.json_schema.refuse_unsupported("response_format.json_schema.")
+        return StructuredOutputs(json=json.dumps(self.json_schema.schema_, sort_keys=True))
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's `structured_outputs` object."""
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: StrictBool | None = None
+
+    def spec(self) -> StructuredOutputs:
+        self.refuse_unsupported("structured_outputs.")
+        return _spec(self.json_, self.regex, self.choice, self.grammar, bool(self.json_object))
+
+
+def _spec(json_, regex, choice, grammar, json_object: bool) -> StructuredOutputs:
+    if json_ is not None and not isinstance(json_, str):
+        json_ = json.dumps(json_, sort_keys=True)
+    return StructuredOutputs(json_, regex, tuple(choice or ()), grammar, json_object)
+
+
+class _SamplingRequest(_Body):
     """Fields shared by completions and chat (OpenAI's plus vLLM's extensions)."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     n: int = 1
@@ -44,12 +104,51 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs, vLLM's older names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def structured(self) -> StructuredOutputs | None:
+        """The one structured-output constraint the request sets, checked (400 names its field)."""
+        specs: list[tuple[str, StructuredOutputs]] = []
+        if self.response_format is not None:
+            spec = self.response_format.spec()
+            if spec is not None:
+                specs.append(("response_format", spec))
+        if self.structured_outputs is not None:
+            specs.append(("structured_outputs", self.structured_outputs.spec()))
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            value = getattr(self, name)
+            if value is not None:
+                kind = name.removeprefix("guided_")
+                args = {k: None for k in ("json_", "regex", "choice", "grammar")}
+                args["json_" if kind == "json" else kind] = value
+                specs.append((name, _spec(json_object=False, **args)))
+        if len(specs) > 1:
+            names = ", ".join(name for name, _ in specs)
+            raise invalid(f"set at most one structured-output field, got {names}", specs[1][0])
+        if not specs:
+            return None
+        param, spec = specs[0]
+        check_structured_outputs(spec, param)
+        return spec
+
     def _params(self, max_tokens: int | None, logprobs: int | None) -> GenerationParams:
+        self.refuse_unsupported()
+        if self.stream_options is not None:
+            self.stream_options.refuse_unsupported("stream_options.")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true", "stream_options")
         return GenerationParams(
@@ -70,6 +169,7 @@ class _SamplingRequest(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             n=self.n,
+            structured_outputs=self.structured(),
             logit_bias=_logit_bias(self.logit_bias),
         )
 
@@ -84,6 +184,7 @@ class CompletionRequest(_SamplingRequest):
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: StrictBool = True  # vLLM: BOS etc. added when tokenizing the prompt
 
     def to_params(self) -> GenerationParams:
         if self.suffix:
@@ -95,22 +196,53 @@ class CompletionRequest(_SamplingRequest):
         return self._params(self.max_tokens, self.logprobs)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+    def to_text(self) -> str:
+        if self.type != "text":
+            raise invalid(
+                f"content parts of type {self.type!r} are not supported: this model takes "
+                "text only (image, audio and file inputs are not supported by this model)",
+                "messages",
+            )
+        if self.text is None:
+            raise invalid("a text content part needs `text`", "messages")
+        self.refuse_unsupported("messages.content.")
+        return self.text
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionCall(_Body):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCallBody(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def to_tool_call(self) -> ToolCall:
+        self.refuse_unsupported("messages.tool_calls.")
+        return ToolCall(self.id, self.function.name, self.function.arguments)
+
+
+class Message(_Body):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def to_chat_message(self) -> ChatMessage:
+        self.refuse_unsupported("messages.")
         if isinstance(self.content, list):
-            return ChatMessage(self.role, "".join(part.text for part in self.content))
-        return ChatMessage(self.role, self.content or "")
+            content = "".join(part.to_text() for part in self.content)
+        else:
+            content = self.content or ""
+        calls = tuple(c.to_tool_call() for c in self.tool_calls or ())
+        return ChatMessage(self.role, content, self.name, self.tool_call_id, calls)
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -120,11 +252,15 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: StrictBool = False
     top_logprobs: int | None = None
     add_generation_prompt: StrictBool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
     # vLLM accepts a Jinja template per request (behind a trust flag); rendering a client's
     # template is running a client's code, so it is refused, not silently ignored.
     chat_template: str | None = None
 
-    def to_params(self) -> GenerationParams:
+    def to_params(self, tool_constraint: StructuredOutputs | None = None) -> GenerationParams:
+        """`tool_constraint`: what tool_choice required / a named function enforces."""
         if self.chat_template is not None:
             raise invalid(
                 "a chat template in the request is not accepted: prompts are rendered with the "
@@ -133,18 +269,32 @@ class ChatCompletionRequest(_SamplingRequest):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise invalid(
+                f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                "top_logprobs",
+            )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens
         if max_tokens is None:
             max_tokens = self.max_tokens
-        return self._params(max_tokens, logprobs)
+        params = self._params(max_tokens, logprobs)
+        if tool_constraint is None:
+            return params
+        if params.structured_outputs is not None:
+            raise invalid(
+                "tool_choice required or a named function cannot be combined with a "
+                "structured-output field",
+                "tool_choice",
+            )
+        return replace(params, structured_outputs=tool_constraint)
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
         return tuple(m.to_chat_message() for m in self.messages)
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")  # no output to change
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None

@@ -54,6 +54,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--served-model-name", default=None, help="model id in the API")
     m.add_argument("--chat-template", default=None, help="a template file or the template text")
+    add_tool_args(m)
     m.add_argument(
         "--max-model-len",
         type=int,
@@ -77,6 +78,20 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--max-n", type=int, default=16)
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+
+
+def add_tool_args(group) -> None:
+    group.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "llama3_json"],
+        help="how tool calls are read from the text (tool_choice auto), as vLLM",
+    )
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide when to call tools (tool_choice "auto"; needs a parser)',
+    )
 
 
 def resolve_model_folder(model: str | None) -> Path:
@@ -103,6 +118,8 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
         grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         api_key=api_key,
         chat_template=args.chat_template,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
         max_model_len=args.max_model_len,
         max_pending=args.max_pending,
         min_prefill_tokens=args.min_prefill_tokens,

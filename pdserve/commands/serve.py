@@ -12,6 +12,7 @@ from pathlib import Path
 
 from engine.cli_args import add_engine_args
 from pdserve.commands.convert import add_cache_dir_arg
+from pdserve.commands.gateway import add_tool_args
 from pdserve.launcher import (
     DECODE_PORT,
     GATEWAY_API_KEY_ENV,
@@ -52,6 +53,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     gw.add_argument("--chat-template", default=None, help="a template file or the template text")
     gw.add_argument("--router", default=None, choices=("round-robin", "least-loaded", "kv-aware"),
                     help="the gateway's routing policy (default kv-aware)")  # fmt: skip
+    add_tool_args(gw)
 
 
 def engine_flag_argv(args: argparse.Namespace) -> list[str]:
@@ -92,9 +94,12 @@ def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
         ("--chat-template", args.chat_template),
         ("--max-model-len", args.max_model_len),
         ("--router", getattr(args, "router", None)),
+        ("--tool-call-parser", args.tool_call_parser),
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if args.enable_auto_tool_choice:
+        argv.append("--enable-auto-tool-choice")
     return argv
 
 

@@ -72,8 +72,18 @@ def test_gateway_to_worker_to_engine_carries_every_worker_field():
         assert _same(getattr(engine_params, name), EXAMPLES[name]), name
 
 
+def _json_value(v):
+    if dataclasses.is_dataclass(v):  # structured_outputs: the set fields, as vLLM's object
+        return {
+            f.name: getattr(v, f.name)
+            for f in dataclasses.fields(v)
+            if getattr(v, f.name) != f.default
+        }
+    return list(v) if isinstance(v, tuple) else v
+
+
 def _openai_body(chat: bool) -> dict:
-    body = {name: list(v) if isinstance(v, tuple) else v for name, v in EXAMPLES.items()}
+    body = {name: _json_value(v) for name, v in EXAMPLES.items()}
     if chat:
         body["top_logprobs"] = body.pop("logprobs")
         body["logprobs"] = True

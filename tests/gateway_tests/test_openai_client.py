@@ -93,6 +93,8 @@ def test_completion_stop_echo_and_logprobs(gw):
     lp = out.choices[0].logprobs
     assert lp.tokens == ["H", "e", "ll"] and lp.token_logprobs == [-0.5] * 3
     assert [len(t) for t in lp.top_logprobs] == [2, 2, 2] and lp.text_offset == [0, 1, 2]
+    out = gw.client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=0)
+    assert out.choices[0].logprobs.top_logprobs == [{"H": -0.5}, {"e": -0.5}]  # the sampled one
 
 
 def test_chat(gw):

@@ -113,7 +113,40 @@ CHAT_BAD = [
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs"),
     (
         {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 50},
-        "logprobs",
+        "top_logprobs",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ]
+        },
+        "messages",
+    ),
+    ({"messages": [{"role": "user", "content": "hi"}], "bad_words": ["x"]}, "bad_words"),
+    ({"messages": [{"role": "user", "content": "hi"}], "no_such_field": 1}, "no_such_field"),
+    (
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema"},
+        },
+        "response_format",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "guided_json": {"type": "nope"}},
+        "guided_json",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "(("}},
+        "structured_outputs",
+    ),
+    (
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "guided_regex": "a",
+            "guided_choice": ["a"],
+        },
+        "guided_choice",
     ),
 ]
 
