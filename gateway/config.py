@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gateway.discovery import parse_entries
 from gateway.router import DEFAULT_ROUTER, ROUTER_NAMES
+from rpc.auth import ClusterSecret
 
 
 @dataclass(slots=True, frozen=True)
@@ -35,6 +36,10 @@ class GatewayConfig:
     control_timeout_s: float = 5.0  # Abort, Release, GetLoad
     load_interval_s: float = 1.0  # how often workers are asked for their load
     retry_after_s: int = 1  # Retry-After on 429
+    cluster_secret: ClusterSecret | None = None  # sent on every worker call (rpc/auth.py)
+    worker_tls_ca: Path | None = None  # dial workers over TLS, trusting this CA (PEM)
+    worker_tls_cert: Path | None = None  # ... and present this client certificate (mTLS)
+    worker_tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))  # accept a str too
@@ -45,6 +50,10 @@ class GatewayConfig:
         if self.router not in ROUTER_NAMES:
             raise ValueError(f"router must be one of {', '.join(ROUTER_NAMES)}, got {self.router!r}")
         self._check_positive()
+        if (self.worker_tls_cert is None) != (self.worker_tls_key is None):
+            raise ValueError("--worker-tls-cert and --worker-tls-key go together")
+        if self.worker_tls_cert is not None and self.worker_tls_ca is None:
+            raise ValueError("--worker-tls-cert (mTLS) needs --worker-tls-ca")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (omit it to disable auth)")
 

@@ -17,6 +17,7 @@ from gateway.grpc_service import start_grpc_server
 from gateway.metrics import GatewayMetrics
 from gateway.openai.app import build_app
 from gateway.tokenizer import GatewayTokenizer
+from gateway.worker_client import client_factory
 from gateway.worker_pool import DECODE, WorkerPool
 from rpc.server import RunningServer
 
@@ -42,6 +43,7 @@ class GatewayServer:
             config.prefill_addresses,
             config.decode_addresses,
             config.control_timeout_s,
+            client_factory(config),
             router=config.router,
         )
         self.core = GatewayCore(config, tokenizer, self.pool, GatewayMetrics(self.pool))

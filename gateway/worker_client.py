@@ -6,7 +6,7 @@ carried as an opaque `KVLease` and handed to the decode worker unchanged.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,8 @@ import grpc
 from contract.sampling import WORKER_FIELD_NAMES
 from gateway.schema import FinishReason, GenerationParams, TokenLogprob
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from rpc.channel import open_channel
+from rpc.auth import cluster_token_interceptors
+from rpc.channel import channel_credentials, open_channel
 from rpc.finish import finish_reason_from_pb
 from rpc.sampling import fields_to_pb
 
@@ -130,10 +131,20 @@ class DecodeCall:
 class WorkerClient:
     """One channel to one worker; every call takes a deadline."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    ) -> None:
         self.address = address
         self._channel = open_channel(
-            address, max_receive_bytes=MAX_MESSAGE_BYTES, max_send_bytes=MAX_MESSAGE_BYTES
+            address,
+            credentials=credentials,
+            max_receive_bytes=MAX_MESSAGE_BYTES,
+            max_send_bytes=MAX_MESSAGE_BYTES,
+            interceptors=interceptors,
         )
         self._prefill = worker_pb2_grpc.PrefillServiceStub(self._channel)
         self._decode = worker_pb2_grpc.DecodeServiceStub(self._channel)
@@ -204,6 +215,19 @@ class WorkerClient:
             return await rpc(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise WorkerRpcError(self.address, method, exc.code(), exc.details() or "") from exc
+
+
+def client_factory(config) -> Callable[[str], WorkerClient]:
+    """WorkerClients as a GatewayConfig says: TLS/mTLS and the cluster credential."""
+    credentials = channel_credentials(
+        config.worker_tls_ca, config.worker_tls_cert, config.worker_tls_key
+    )
+    interceptors = cluster_token_interceptors(config.cluster_secret)
+
+    def make(address: str) -> WorkerClient:
+        return WorkerClient(address, credentials=credentials, interceptors=interceptors)
+
+    return make
 
 
 def _sampling_message(sampling: SamplingRequest) -> common_pb2.SamplingParams:

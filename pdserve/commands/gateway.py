@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from rpc.auth import add_cluster_secret_arg, require_cluster_secret
+
 API_KEY_ENV = "PDSERVE_API_KEY"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -76,6 +78,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="requests in flight before new ones get 429 / RESOURCE_EXHAUSTED",
     )
     s.add_argument("--max-n", type=int, default=16)
+    w = parser.add_argument_group("trust between services")
+    add_cluster_secret_arg(w)
+    w.add_argument("--worker-tls-ca", type=Path, default=None,
+                   help="dial workers over TLS, trusting this CA (PEM)")  # fmt: skip
+    w.add_argument("--worker-tls-cert", type=Path, default=None,
+                   help="client certificate (PEM) for workers that require mTLS")  # fmt: skip
+    w.add_argument("--worker-tls-key", type=Path, default=None, help="its private key (PEM)")
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
 
@@ -92,7 +101,15 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
     from gateway.config import GatewayConfig
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    try:
+        secret = require_cluster_secret(args.cluster_secret_file, os.environ)
+    except OSError as exc:
+        raise ValueError(f"cannot read --cluster-secret-file: {exc}") from None
     return GatewayConfig(
+        cluster_secret=secret,
+        worker_tls_ca=args.worker_tls_ca,
+        worker_tls_cert=args.worker_tls_cert,
+        worker_tls_key=args.worker_tls_key,
         model_path=model_path,
         prefill_addresses=_addresses(args.prefill),
         decode_addresses=_addresses(args.decode),

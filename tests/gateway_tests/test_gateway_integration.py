@@ -16,10 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import httpx
 import openai
 import pytest
+from cluster_token import worker_channel
 from test_workers_integration import Worker, wait_clean
 
 from engine.llm import LLM
@@ -214,7 +214,7 @@ def test_disconnect_mid_stream_frees_blocks_on_both_workers(cluster):
         for _ in range(6):  # a few tokens in
             next(lines)
     for address in (p.address, d.address):
-        channel = grpc.insecure_channel(address)
+        channel = worker_channel(address)
         stub = (
             worker_pb2_grpc.PrefillServiceStub
             if address == p.address
