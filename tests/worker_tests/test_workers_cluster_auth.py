@@ -35,7 +35,7 @@ WRONG = ((CLUSTER_TOKEN_KEY, ClusterSecret("some other cluster's secret").token)
 
 
 def engine(model) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model), kv_cache_memory=1 << 20))
+    return LLMEngine(EngineConfig(model=str(model), kv_cache_memory=1 << 20, enforce_eager=True))
 
 
 def worker_calls(p_channel, d_channel):
