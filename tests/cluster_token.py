@@ -11,8 +11,9 @@ import grpc
 from rpc.auth import CLUSTER_SECRET_ENV, CLUSTER_TOKEN_KEY, ClusterSecret
 
 
-def token_metadata() -> tuple[tuple[str, str], ...]:
-    return ((CLUSTER_TOKEN_KEY, ClusterSecret(os.environ[CLUSTER_SECRET_ENV]).token),)
+def token_metadata(secret: str | None = None) -> tuple[tuple[str, str], ...]:
+    secret = secret or os.environ[CLUSTER_SECRET_ENV]
+    return ((CLUSTER_TOKEN_KEY, ClusterSecret(secret).token),)
 
 
 class _Details(
@@ -25,8 +26,11 @@ class _Details(
 
 
 class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, secret: str | None) -> None:
+        self._metadata = token_metadata(secret)
+
     def _details(self, d):
-        metadata = (*(d.metadata or ()), *token_metadata())
+        metadata = (*(d.metadata or ()), *self._metadata)
         return _Details(d.method, d.timeout, metadata, d.credentials,
                         getattr(d, "wait_for_ready", None), getattr(d, "compression", None))  # fmt: skip
 
@@ -37,6 +41,7 @@ class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
         return continuation(self._details(client_call_details), request)
 
 
-def worker_channel(address: str) -> grpc.Channel:
-    """A plaintext channel whose calls carry the cluster token."""
-    return grpc.intercept_channel(grpc.insecure_channel(address), _Token())
+def worker_channel(address: str, secret: str | None = None) -> grpc.Channel:
+    """A plaintext channel whose calls carry the cluster token (of `secret`, default the
+    tests' PDSERVE_CLUSTER_SECRET)."""
+    return grpc.intercept_channel(grpc.insecure_channel(address), _Token(secret))
