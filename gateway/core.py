@@ -25,6 +25,7 @@ from gateway.schema import ChatPrompt, GenerateRequest, Prompt, TextPrompt, Toke
 from gateway.tokenizer import ChatTemplateError, GatewayTokenizer
 from gateway.validation import (
     Limits,
+    check_n,
     check_text,
     check_token_ids,
     resolve_max_tokens,
@@ -68,14 +69,32 @@ class GatewayCore:
     def num_in_flight(self) -> int:
         return len(self._runs)
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in flight: every choice of every request (n each)."""
+        return sum(run.params.n for run in self._runs.values())
+
+    def check_capacity(self, sequences: int) -> None:
+        """OVERLOADED unless `sequences` more fit under --max-pending. Admission counts
+        sequences, not requests: a request with n choices (or a list of prompts, each with n)
+        takes n slots per prompt."""
+        in_flight = self.num_sequences
+        if in_flight + sequences <= self.config.max_pending:
+            return
+        self.metrics.failure.labels(ErrorKind.OVERLOADED.value).inc()
+        if sequences > self.config.max_pending:
+            message = (
+                f"this request fans out to {sequences} sequences (prompts x n); the server "
+                f"admits at most {self.config.max_pending} at a time"
+            )
+        else:
+            message = f"the server is busy ({in_flight} sequences in flight); retry later"
+        raise GatewayError(ErrorKind.OVERLOADED, message)
+
     def open(self, request: GenerateRequest) -> RequestRun:
         """Admit, tokenize and check one request; raises GatewayError before anything runs."""
-        if len(self._runs) >= self.config.max_pending:
-            self.metrics.failure.labels(ErrorKind.OVERLOADED.value).inc()
-            raise GatewayError(
-                ErrorKind.OVERLOADED,
-                f"the server is busy ({len(self._runs)} requests in flight); retry later",
-            )
+        check_n(request.params, self.limits)
+        self.check_capacity(request.params.n)
         if not self.pool.healthy(DECODE):
             raise GatewayError(ErrorKind.UNAVAILABLE, "no healthy decode worker")
         request_id = self._new_request_id(request.request_id)

@@ -144,7 +144,7 @@ def test_serve_restarts_each_killed_role_and_serves_the_same_text(tiny_llama, tm
 
             seen: list[str] = []
 
-            def healed() -> bool:
+            def healed(seen: list[str] = seen) -> bool:
                 resp = complete(cluster.base_url)
                 seen.append(f"{resp.status_code} {resp.text[:300]}")
                 return resp.status_code == 200 and resp.json()["choices"][0]["text"] == reference
