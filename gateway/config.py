@@ -29,6 +29,7 @@ class GatewayConfig:
     max_n: int = 16
     max_stop_strings: int = 16
     max_body_bytes: int = 8 * 2**20  # larger HTTP bodies get 413
+    max_prompt_bytes: int = 2**20  # longer prompt text gets 400 before it is tokenized
     max_header_count: int = 100  # HTTP requests with more headers get 431
     max_header_bytes: int = 32 * 2**10  # ... and with more header bytes in all
     prefill_timeout_s: float = 300.0  # deadline of one Prefill call
@@ -63,6 +64,7 @@ class GatewayConfig:
             "max_n",
             "max_stop_strings",
             "max_body_bytes",
+            "max_prompt_bytes",
             "max_header_count",
             "max_header_bytes",
         ):

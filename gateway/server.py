@@ -126,5 +126,6 @@ class GatewayServer:
         if self._poller is not None:
             self._poller.cancel()
         await self.core.drain_background()
+        self.core.close()
         await self.pool.close()
         self._uvicorn = self._http_task = self._grpc = self._poller = None

@@ -105,7 +105,7 @@ def _add_tokenizer_routes(app: FastAPI, core: GatewayCore) -> None:
             prompt: TextPrompt | ChatPrompt = ChatPrompt(messages, body.add_generation_prompt)
         else:
             prompt = TextPrompt(body.prompt or "", body.add_special_tokens)
-        tokens = core.tokenize(prompt)
+        tokens = await core.tokenize_off_loop(prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": core.max_model_len}
 
     @app.post("/detokenize")

@@ -24,7 +24,7 @@ async def create_chat_completion(
     check_model(core, body.model)
     params = body.to_params()
     prompt = ChatPrompt(body.chat_messages(), body.add_generation_prompt)
-    runs = open_runs(core, [GenerateRequest(prompt, params)])
+    runs = await open_runs(core, [GenerateRequest(prompt, params)])
     meta = ResponseMeta.new("chatcmpl", core.config.model_name)
     if body.stream:
         return await start_sse(request, _events(core, meta, runs[0], body.include_usage))

@@ -31,7 +31,7 @@ def check_model(core: GatewayCore, model: str | None) -> None:
         raise GatewayError(ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", "model")
 
 
-def open_runs(core: GatewayCore, requests: Sequence[GenerateRequest]) -> list[RequestRun]:
+async def open_runs(core: GatewayCore, requests: Sequence[GenerateRequest]) -> list[RequestRun]:
     """Admit every request or none: a later failure closes the runs already opened."""
     for request in requests:
         check_n(request.params, core.limits)
@@ -39,7 +39,7 @@ def open_runs(core: GatewayCore, requests: Sequence[GenerateRequest]) -> list[Re
     runs: list[RequestRun] = []
     try:
         for request in requests:
-            runs.append(core.open(request))
+            runs.append(await core.open(request))
     except BaseException:
         for run in runs:
             run.close()

@@ -78,6 +78,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="requests in flight before new ones get 429 / RESOURCE_EXHAUSTED",
     )
     s.add_argument("--max-n", type=int, default=16)
+    s.add_argument("--max-prompt-bytes", type=int, default=2**20,
+                   help="longer prompt text gets 400 before it is tokenized")  # fmt: skip
     w = parser.add_argument_group("trust between services")
     add_cluster_secret_arg(w)
     w.add_argument("--worker-tls-ca", type=Path, default=None,
@@ -124,6 +126,7 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
         max_pending=args.max_pending,
         min_prefill_tokens=args.min_prefill_tokens,
         max_n=args.max_n,
+        max_prompt_bytes=args.max_prompt_bytes,
         prefill_timeout_s=args.prefill_timeout,
         request_timeout_s=args.request_timeout,
         load_interval_s=args.load_interval,
