@@ -280,7 +280,7 @@ def test_one_both_worker_behind_the_gateway(tiny_llama, offline, tmp_path):
             )
             assert out.choices[0].text == offline[prompt].text, prompt
         assert remote_prefills(g.http) == before + 1
-        with grpc.insecure_channel(b.address) as channel:
+        with worker_channel(b.address) as channel:
             for stub in (
                 worker_pb2_grpc.PrefillServiceStub(channel),
                 worker_pb2_grpc.DecodeServiceStub(channel),
