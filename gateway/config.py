@@ -30,6 +30,9 @@ class GatewayConfig:
     max_stop_strings: int = 16
     max_body_bytes: int = 8 * 2**20  # larger HTTP bodies get 413
     max_prompt_bytes: int = 2**20  # longer prompt text gets 400 before it is tokenized
+    header_timeout_s: float = 10.0  # a request head not complete by then: connection closed
+    body_timeout_s: float = 30.0  # a body not complete this long after its head: 408
+    max_connections: int = 1024  # HTTP connections open at once; more are closed on accept
     max_header_count: int = 100  # HTTP requests with more headers get 431
     max_header_bytes: int = 32 * 2**10  # ... and with more header bytes in all
     prefill_timeout_s: float = 300.0  # deadline of one Prefill call
@@ -65,6 +68,7 @@ class GatewayConfig:
             "max_stop_strings",
             "max_body_bytes",
             "max_prompt_bytes",
+            "max_connections",
             "max_header_count",
             "max_header_bytes",
         ):
@@ -75,6 +79,8 @@ class GatewayConfig:
             "request_timeout_s",
             "control_timeout_s",
             "load_interval_s",
+            "header_timeout_s",
+            "body_timeout_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -16,6 +16,7 @@ from gateway.core import GatewayCore
 from gateway.grpc_service import start_grpc_server
 from gateway.metrics import GatewayMetrics
 from gateway.openai.app import build_app
+from gateway.openai.slow_clients import timed_h11
 from gateway.tokenizer import GatewayTokenizer
 from gateway.worker_client import client_factory
 from gateway.worker_pool import DECODE, WorkerPool
@@ -94,6 +95,7 @@ class GatewayServer:
             log_level=self._log_level,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            http=timed_h11(self.config.header_timeout_s, self.config.max_connections),
         )
         self._uvicorn = _HttpServer(config)
         self._http_task = asyncio.create_task(self._uvicorn.serve())

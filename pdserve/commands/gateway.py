@@ -80,6 +80,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--max-n", type=int, default=16)
     s.add_argument("--max-prompt-bytes", type=int, default=2**20,
                    help="longer prompt text gets 400 before it is tokenized")  # fmt: skip
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request head to arrive, then the connection is closed")  # fmt: skip
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request body to arrive after its head, then 408")  # fmt: skip
+    s.add_argument("--max-connections", type=int, default=1024,
+                   help="HTTP connections open at once; more are closed when accepted")  # fmt: skip
     w = parser.add_argument_group("trust between services")
     add_cluster_secret_arg(w)
     w.add_argument("--worker-tls-ca", type=Path, default=None,
@@ -127,6 +133,9 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
         min_prefill_tokens=args.min_prefill_tokens,
         max_n=args.max_n,
         max_prompt_bytes=args.max_prompt_bytes,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
         prefill_timeout_s=args.prefill_timeout,
         request_timeout_s=args.request_timeout,
         load_interval_s=args.load_interval,
