@@ -36,6 +36,7 @@ class GatewayConfig:
     max_header_count: int = 100  # HTTP requests with more headers get 431
     max_header_bytes: int = 32 * 2**10  # ... and with more header bytes in all
     prefill_timeout_s: float = 300.0  # deadline of one Prefill call
+    prefill_progress_s: float = 1.0  # Prefill unanswered this long: is the worker alive? (dispatch)
     request_timeout_s: float = 3600.0  # deadline of a whole request (every hop within it)
     control_timeout_s: float = 5.0  # Abort, Release, GetLoad
     load_interval_s: float = 1.0  # how often workers are asked for their load
@@ -76,6 +77,7 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in (
             "prefill_timeout_s",
+            "prefill_progress_s",
             "request_timeout_s",
             "control_timeout_s",
             "load_interval_s",

@@ -61,6 +61,7 @@ class GatewayCore:
         self.dispatch_settings = DispatchSettings(
             min_prefill_tokens=config.min_prefill_tokens,
             prefill_timeout_s=config.prefill_timeout_s,
+            prefill_progress_s=config.prefill_progress_s,
             control_timeout_s=config.control_timeout_s,
         )
         self._runs: dict[str, RequestRun] = {}

@@ -43,6 +43,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="prompts shorter than this are prefilled on the decode worker",
     )
     g.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds per Prefill call")
+    g.add_argument("--prefill-progress-timeout", type=float, default=1.0,
+                   help="a Prefill unanswered this long, whose worker then cannot answer GetLoad "
+                   "within as long, is abandoned and prefilled on the decode worker")  # fmt: skip
     g.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request")
     g.add_argument(
         "--load-interval", type=float, default=1.0, help="seconds between worker load/health polls"
@@ -137,6 +140,7 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
         body_timeout_s=args.body_timeout,
         max_connections=args.max_connections,
         prefill_timeout_s=args.prefill_timeout,
+        prefill_progress_s=args.prefill_progress_timeout,
         request_timeout_s=args.request_timeout,
         load_interval_s=args.load_interval,
     )
