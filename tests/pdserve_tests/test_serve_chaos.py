@@ -115,6 +115,42 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"not {what} within {timeout} s")
 
 
+FREEZE_S = 8.0
+FREEZE_ADDS_AT_MOST_S = 3.0
+
+
+def freeze_prefill(cluster: Cluster, reference: str) -> dict:
+    """SIGSTOP the prefill worker, send requests (the gateway still thinks it healthy, so they
+    go to it), SIGCONT after FREEZE_S: each must get the right text at most
+    FREEZE_ADDS_AT_MOST_S later than an undisturbed request."""
+    baseline = min(timed_complete(cluster.base_url)[1] for _ in range(3))
+    pid = child_pid(cluster, "prefill-0")
+    results: list[tuple[str, float]] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=lambda: results.append(timed_complete(cluster.base_url)))
+                   for _ in range(3)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(FREEZE_S + 10)
+        time.sleep(max(0.0, FREEZE_S - 0.1))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert len(results) == 3 and all(text == reference for text, _ in results), results
+    worst = max(seconds for _, seconds in results)
+    assert worst <= baseline + FREEZE_ADDS_AT_MOST_S, (worst, baseline)
+    return {"freeze_s": FREEZE_S, "requests": 3, "baseline_s": round(baseline, 2),
+            "worst_s": round(worst, 2)}  # fmt: skip
+
+
+def timed_complete(base_url: str) -> tuple[str, float]:
+    started = time.monotonic()
+    resp = complete(base_url, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["text"], time.monotonic() - started
+
+
 def test_serve_restarts_each_killed_role_and_serves_the_same_text(tiny_llama, tmp_path):
     cluster, workers = start(tiny_llama, tmp_path)
     figures: dict[str, dict] = {}
@@ -167,6 +203,7 @@ def test_serve_restarts_each_killed_role_and_serves_the_same_text(tiny_llama, tm
                              "health_degraded_seen": degraded}  # fmt: skip
         # The restarted prefill worker is used again (not only local prefill on the decode side).
         wait_for(lambda: httpx.get(f"{cluster.base_url}/health").json()["status"] == "ok", 30, "ok")
+        figures["prefill_frozen"] = freeze_prefill(cluster, reference)
         text = cluster.text()
         for role in ("decode-0", "prefill-0", "gateway"):
             assert f"{role} exited with status 137; restarting it" in text
