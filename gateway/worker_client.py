@@ -15,7 +15,7 @@ import grpc
 from contract.sampling import WORKER_FIELD_NAMES
 from gateway.schema import FinishReason, GenerationParams, TokenLogprob
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from rpc.auth import cluster_token_interceptors
+from rpc.auth import cluster_token_metadata
 from rpc.channel import channel_credentials, open_channel
 from rpc.finish import finish_reason_from_pb
 from rpc.sampling import fields_to_pb
@@ -136,15 +136,17 @@ class WorkerClient:
         address: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        metadata: Sequence[tuple[str, str]] | None = None,
     ) -> None:
         self.address = address
+        # Sent with every call (the cluster token), not through a channel interceptor: an
+        # intercepted stream relays each Decode chunk through one more layer.
+        self._metadata = tuple(metadata) if metadata else None
         self._channel = open_channel(
             address,
             credentials=credentials,
             max_receive_bytes=MAX_MESSAGE_BYTES,
             max_send_bytes=MAX_MESSAGE_BYTES,
-            interceptors=interceptors,
         )
         self._prefill = worker_pb2_grpc.PrefillServiceStub(self._channel)
         self._decode = worker_pb2_grpc.DecodeServiceStub(self._channel)
@@ -204,7 +206,8 @@ class WorkerClient:
         )
         if lease is not None:
             request.kv_handle.CopyFrom(lease.handle)
-        return DecodeCall(self.address, self._decode.Decode(request, timeout=timeout))
+        call = self._decode.Decode(request, timeout=timeout, metadata=self._metadata)
+        return DecodeCall(self.address, call)
 
     async def abort(self, request_id: str, timeout: float) -> bool:
         request = worker_pb2.AbortRequest(request_id=request_id)
@@ -212,7 +215,7 @@ class WorkerClient:
 
     async def _unary(self, method: str, rpc: Any, request: Any, timeout: float) -> Any:
         try:
-            return await rpc(request, timeout=timeout)
+            return await rpc(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise WorkerRpcError(self.address, method, exc.code(), exc.details() or "") from exc
 
@@ -222,10 +225,10 @@ def client_factory(config) -> Callable[[str], WorkerClient]:
     credentials = channel_credentials(
         config.worker_tls_ca, config.worker_tls_cert, config.worker_tls_key
     )
-    interceptors = cluster_token_interceptors(config.cluster_secret)
+    metadata = cluster_token_metadata(config.cluster_secret)
 
     def make(address: str) -> WorkerClient:
-        return WorkerClient(address, credentials=credentials, interceptors=interceptors)
+        return WorkerClient(address, credentials=credentials, metadata=metadata)
 
     return make
 

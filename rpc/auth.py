@@ -172,6 +172,11 @@ class _UnaryStreamMetadata(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(_with_metadata(client_call_details, self._metadata), request)
 
 
+def cluster_token_metadata(secret: ClusterSecret | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the cluster token (empty without a secret)."""
+    return ((CLUSTER_TOKEN_KEY, secret.token),) if secret is not None else ()
+
+
 def cluster_token_interceptors(secret: ClusterSecret | None) -> list[grpc.aio.ClientInterceptor]:
     """Client interceptors that send the cluster token on every call (none without a secret).
     Worker services have unary and server-streaming methods only."""
