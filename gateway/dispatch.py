@@ -26,7 +26,7 @@ import grpc
 from gateway.errors import ErrorKind, GatewayError
 from gateway.router import Choice, Route
 from gateway.worker_client import DecodeChunk, KVLease, SamplingRequest, WorkerRpcError
-from gateway.worker_pool import DECODE, Worker, WorkerPool
+from gateway.worker_pool import DECODE, PREFILL, Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 
