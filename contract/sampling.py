@@ -13,8 +13,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contract.limits import MAX_LOGPROBS
+from contract.limits import (
+    FLOAT32_MAX,
+    INT32_MAX,
+    INT32_MIN,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_LOGPROBS,
+    UINT32_MAX,
+)
 from contract.structured import StructuredOutputs
+
+FLOAT32 = (-FLOAT32_MAX, FLOAT32_MAX)
+INT32 = (INT32_MIN, INT32_MAX)
+UINT32 = (0, UINT32_MAX)
+INT64 = (INT64_MIN, INT64_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,25 +37,29 @@ class SamplingField:
     example: object  # a valid value other than the default (the contract tests send it)
     to_worker: bool  # carried to the workers; False: the gateway applies it itself
     invalid: object = None  # a value every validating layer refuses (None: no such value)
+    # The range the worker protocol and the engine can carry (inclusive; each element of a
+    # list field): checked before anything is sent to a worker. None: not a number, or kept
+    # at the gateway.
+    carries: tuple[int | float, int | float] | None = None
 
 
 SAMPLING_FIELDS: tuple[SamplingField, ...] = (
-    SamplingField("max_tokens", 16, 7, True, 0),  # None: up to the context length
-    SamplingField("temperature", 1.0, 0.5, True, -1.0),  # 0: greedy
-    SamplingField("top_p", 1.0, 0.75, True, 0.0),
-    SamplingField("top_k", 0, 5, True, -2),  # <= 0: disabled (vLLM's -1 too)
-    SamplingField("min_p", 0.0, 0.25, True, 1.5),
-    SamplingField("presence_penalty", 0.0, 0.5, True, 2.5),
-    SamplingField("frequency_penalty", 0.0, -0.5, True, -2.5),
-    SamplingField("repetition_penalty", 1.0, 1.5, True, 0.0),
-    SamplingField("seed", None, 1234, True),  # with n > 1, choice i samples with seed + i
+    SamplingField("max_tokens", 16, 7, True, 0, UINT32),  # None: up to the context length
+    SamplingField("temperature", 1.0, 0.5, True, -1.0, FLOAT32),  # 0: greedy
+    SamplingField("top_p", 1.0, 0.75, True, 0.0, FLOAT32),
+    SamplingField("top_k", 0, 5, True, -2, INT32),  # <= 0: disabled (vLLM's -1 too)
+    SamplingField("min_p", 0.0, 0.25, True, 1.5, FLOAT32),
+    SamplingField("presence_penalty", 0.0, 0.5, True, 2.5, FLOAT32),
+    SamplingField("frequency_penalty", 0.0, -0.5, True, -2.5, FLOAT32),
+    SamplingField("repetition_penalty", 1.0, 1.5, True, 0.0, FLOAT32),
+    SamplingField("seed", None, 1234, True, carries=INT64),  # with n > 1, choice i samples with seed + i
     SamplingField("stop", (), ("\n\n",), False, ("",)),  # matched on the detokenized text
-    SamplingField("stop_token_ids", (), (2, 3), True, (-1,)),
+    SamplingField("stop_token_ids", (), (2, 3), True, (-1,), UINT32),
     SamplingField("include_stop_str_in_output", False, True, False),
     SamplingField("ignore_eos", False, True, True),
-    SamplingField("min_tokens", 0, 2, True, -1),
+    SamplingField("min_tokens", 0, 2, True, -1, UINT32),
     SamplingField(
-        "logprobs", None, 3, True, MAX_LOGPROBS + 1
+        "logprobs", None, 3, True, MAX_LOGPROBS + 1, UINT32
     ),  # top-N per token; 0: only the sampled one's
     SamplingField("skip_special_tokens", True, False, False),  # detokenization
     SamplingField("n", 1, 2, False, 0),  # the gateway runs n choices

@@ -8,6 +8,7 @@ from pathlib import Path
 from gateway.discovery import parse_entries
 from gateway.router import DEFAULT_ROUTER, ROUTER_NAMES
 from gateway.tool_parsers import TOOL_PARSERS
+from rpc.auth import ClusterSecret
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,15 +30,24 @@ class GatewayConfig:
     max_n: int = 16
     max_stop_strings: int = 16
     max_body_bytes: int = 8 * 2**20  # larger HTTP bodies get 413
+    max_prompt_bytes: int = 2**20  # longer prompt text gets 400 before it is tokenized
+    header_timeout_s: float = 10.0  # a request head not complete by then: connection closed
+    body_timeout_s: float = 30.0  # a body not complete this long after its head: 408
+    max_connections: int = 1024  # HTTP connections open at once; more are closed on accept
     max_header_count: int = 100  # HTTP requests with more headers get 431
     max_header_bytes: int = 32 * 2**10  # ... and with more header bytes in all
     prefill_timeout_s: float = 300.0  # deadline of one Prefill call
+    prefill_progress_s: float = 1.0  # Prefill unanswered this long: is the worker alive? (dispatch)
     request_timeout_s: float = 3600.0  # deadline of a whole request (every hop within it)
     control_timeout_s: float = 5.0  # Abort, Release, GetLoad
     load_interval_s: float = 1.0  # how often workers are asked for their load
     retry_after_s: int = 1  # Retry-After on 429
     tool_call_parser: str | None = None  # "hermes" | "llama3_json": parses tool_choice "auto"
     enable_auto_tool_choice: bool = False  # as vLLM: "auto" needs this and a parser
+    cluster_secret: ClusterSecret | None = None  # sent on every worker call (rpc/auth.py)
+    worker_tls_ca: Path | None = None  # dial workers over TLS, trusting this CA (PEM)
+    worker_tls_cert: Path | None = None  # ... and present this client certificate (mTLS)
+    worker_tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))  # accept a str too
@@ -54,6 +64,10 @@ class GatewayConfig:
             )
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        if (self.worker_tls_cert is None) != (self.worker_tls_key is None):
+            raise ValueError("--worker-tls-cert and --worker-tls-key go together")
+        if self.worker_tls_cert is not None and self.worker_tls_ca is None:
+            raise ValueError("--worker-tls-cert (mTLS) needs --worker-tls-ca")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (omit it to disable auth)")
 
@@ -63,6 +77,8 @@ class GatewayConfig:
             "max_n",
             "max_stop_strings",
             "max_body_bytes",
+            "max_prompt_bytes",
+            "max_connections",
             "max_header_count",
             "max_header_bytes",
         ):
@@ -70,9 +86,12 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in (
             "prefill_timeout_s",
+            "prefill_progress_s",
             "request_timeout_s",
             "control_timeout_s",
             "load_interval_s",
+            "header_timeout_s",
+            "body_timeout_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from contract.limits import MAX_LOGPROBS
@@ -25,6 +26,7 @@ from gateway.schema import ChatPrompt, GenerateRequest, Prompt, TextPrompt, Toke
 from gateway.tokenizer import ChatTemplateError, GatewayTokenizer
 from gateway.validation import (
     Limits,
+    check_n,
     check_text,
     check_token_ids,
     resolve_max_tokens,
@@ -59,28 +61,56 @@ class GatewayCore:
         self.dispatch_settings = DispatchSettings(
             min_prefill_tokens=config.min_prefill_tokens,
             prefill_timeout_s=config.prefill_timeout_s,
+            prefill_progress_s=config.prefill_progress_s,
             control_timeout_s=config.control_timeout_s,
         )
         self._runs: dict[str, RequestRun] = {}
+        self._opening: dict[str, int] = {}  # request id -> sequences, admitted, being tokenized
         self._background: set[asyncio.Task[Any]] = set()
+        # Tokenizing and templating run here, off the event loop (one thread: HF tokenizers
+        # are not safe to share between threads that encode at once).
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     @property
     def num_in_flight(self) -> int:
         return len(self._runs)
 
-    def open(self, request: GenerateRequest) -> RequestRun:
-        """Admit, tokenize and check one request; raises GatewayError before anything runs."""
-        if len(self._runs) >= self.config.max_pending:
-            self.metrics.failure.labels(ErrorKind.OVERLOADED.value).inc()
-            raise GatewayError(
-                ErrorKind.OVERLOADED,
-                f"the server is busy ({len(self._runs)} requests in flight); retry later",
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in flight: every choice of every request (n each)."""
+        return sum(run.params.n for run in self._runs.values()) + sum(self._opening.values())
+
+    def check_capacity(self, sequences: int) -> None:
+        """OVERLOADED unless `sequences` more fit under --max-pending. Admission counts
+        sequences, not requests: a request with n choices (or a list of prompts, each with n)
+        takes n slots per prompt."""
+        in_flight = self.num_sequences
+        if in_flight + sequences <= self.config.max_pending:
+            return
+        self.metrics.failure.labels(ErrorKind.OVERLOADED.value).inc()
+        if sequences > self.config.max_pending:
+            message = (
+                f"this request fans out to {sequences} sequences (prompts x n); the server "
+                f"admits at most {self.config.max_pending} at a time"
             )
+        else:
+            message = f"the server is busy ({in_flight} sequences in flight); retry later"
+        raise GatewayError(ErrorKind.OVERLOADED, message)
+
+    async def open(self, request: GenerateRequest) -> RequestRun:
+        """Admit, tokenize and check one request; raises GatewayError before anything runs.
+        Its sequences count toward --max-pending from admission on, tokenizing included."""
+        check_n(request.params, self.limits)
+        self.check_capacity(request.params.n)
         if not self.pool.healthy(DECODE):
             raise GatewayError(ErrorKind.UNAVAILABLE, "no healthy decode worker")
         request_id = self._new_request_id(request.request_id)
         validate_params(request.params, self.limits)
-        prompt_ids = self.tokenize(request.prompt)
+        self._opening[request_id] = request.params.n
+        try:
+            prompt_ids = await self.tokenize_off_loop(request.prompt)
+        finally:
+            del self._opening[request_id]
         max_tokens = resolve_max_tokens(
             len(prompt_ids), request.params.max_tokens, self.max_model_len
         )
@@ -107,8 +137,31 @@ class GatewayCore:
         run.abort()
         return True
 
+    async def tokenize_off_loop(self, prompt: Prompt) -> list[int]:
+        """`tokenize` on the tokenizer thread, after the byte cap (checked here, cheaply)."""
+        self.check_prompt_bytes(prompt)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, self.tokenize, prompt)
+
+    def check_prompt_bytes(self, prompt: Prompt) -> None:
+        if isinstance(prompt, TokenPrompt):
+            return
+        if isinstance(prompt, TextPrompt):
+            size, param = len(prompt.text.encode("utf-8", "surrogatepass")), "prompt"
+        else:
+            size = sum(len(m.content.encode("utf-8", "surrogatepass")) for m in prompt.messages)
+            param = "messages"
+        limit = self.config.max_prompt_bytes
+        if size > limit:
+            raise invalid(
+                f"the prompt is {size} bytes of text; at most {limit} are tokenized "
+                f"(--max-prompt-bytes)",
+                param,
+            )
+
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """Prompt -> token ids, checked: valid text, known ids, not empty."""
+        """Prompt -> token ids, checked: valid text, known ids, not empty. Blocking: on the
+        event loop use `tokenize_off_loop`."""
         if isinstance(prompt, TokenPrompt):
             ids = list(prompt.token_ids)
             check_token_ids(ids, self.tokenizer.vocab_size, "prompt")
@@ -145,6 +198,9 @@ class GatewayCore:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
     async def drain_background(self) -> None:
         """Wait for clean-up calls still in flight (used at shutdown and by tests)."""
         while self._background:
@@ -162,6 +218,6 @@ class GatewayCore:
                 f"request_id is {len(wanted)} characters long; at most {MAX_REQUEST_ID_CHARS}",
                 "request_id",
             )
-        if wanted in self._runs:
+        if wanted in self._runs or wanted in self._opening:
             raise invalid(f"request_id {wanted!r} is already in flight", "request_id")
         return wanted

@@ -26,7 +26,7 @@ import grpc
 from gateway.errors import ErrorKind, GatewayError
 from gateway.router import Choice, Route
 from gateway.worker_client import DecodeChunk, KVLease, SamplingRequest, WorkerRpcError
-from gateway.worker_pool import DECODE, Worker, WorkerPool
+from gateway.worker_pool import DECODE, PREFILL, Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class DispatchSettings:
     min_prefill_tokens: int
     prefill_timeout_s: float
     control_timeout_s: float
+    # A Prefill unanswered this long makes the gateway ask the worker for its load, with this
+    # deadline; a worker that cannot answer that (frozen, wedged) has its Prefill abandoned and
+    # the prompt is prefilled on the decode worker instead.
+    prefill_progress_s: float = 1.0
 
 
 class _WorkerGone(Exception):
@@ -128,9 +132,7 @@ class ChoiceDispatch:
         timeout = min(self._settings.prefill_timeout_s, self._remaining())
         worker.in_flight += 1
         try:
-            lease = await worker.client.prefill(
-                self.transfer_id, self.request_id, self._prompt_ids, self._sampling, timeout
-            )
+            lease = await self._prefill_while_alive(worker, timeout)
         except WorkerRpcError as exc:
             self._release(worker)  # the lease may exist even though the answer was lost
             return self._prefill_failed(worker, exc)
@@ -142,6 +144,34 @@ class ChoiceDispatch:
             self._pool.prefill_done(choice)
         self.prefilled_on = worker.address
         return _Prefilled(worker, lease)
+
+    async def _prefill_while_alive(self, worker: Worker, timeout: float) -> KVLease:
+        """The Prefill call, abandoned (UNAVAILABLE) if it is unanswered for
+        `prefill_progress_s` and the worker then cannot answer GetLoad within as long."""
+        call = asyncio.ensure_future(
+            worker.client.prefill(
+                self.transfer_id, self.request_id, self._prompt_ids, self._sampling, timeout
+            )
+        )
+        progress_s = self._settings.prefill_progress_s
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=progress_s)
+                if done:
+                    return call.result()
+                try:
+                    await worker.client.get_load(PREFILL, progress_s)
+                except WorkerRpcError as exc:
+                    raise WorkerRpcError(
+                        worker.address,
+                        "Prefill",
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"no answer for {progress_s:g} s and GetLoad failed ({exc.code.name})",
+                    ) from exc
+        finally:
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
 
     def _prefill_failed(self, worker: Worker, exc: WorkerRpcError) -> None:
         if exc.code not in _FALLBACK_PREFILL:

@@ -36,7 +36,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            run = self._core.open(generate_request_from_proto(request, context.time_remaining()))
+            run = await self._core.open(
+                generate_request_from_proto(request, context.time_remaining())
+            )
         except GatewayError as exc:
             await context.abort(grpc_code(exc.kind), exc.message)
         first = True

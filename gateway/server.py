@@ -16,7 +16,9 @@ from gateway.core import GatewayCore
 from gateway.grpc_service import start_grpc_server
 from gateway.metrics import GatewayMetrics
 from gateway.openai.app import build_app
+from gateway.openai.slow_clients import timed_h11
 from gateway.tokenizer import GatewayTokenizer
+from gateway.worker_client import client_factory
 from gateway.worker_pool import DECODE, WorkerPool
 from rpc.server import RunningServer
 
@@ -42,6 +44,7 @@ class GatewayServer:
             config.prefill_addresses,
             config.decode_addresses,
             config.control_timeout_s,
+            client_factory(config),
             router=config.router,
         )
         self.core = GatewayCore(config, tokenizer, self.pool, GatewayMetrics(self.pool))
@@ -92,6 +95,7 @@ class GatewayServer:
             log_level=self._log_level,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            http=timed_h11(self.config.header_timeout_s, self.config.max_connections),
         )
         self._uvicorn = _HttpServer(config)
         self._http_task = asyncio.create_task(self._uvicorn.serve())
@@ -124,5 +128,6 @@ class GatewayServer:
         if self._poller is not None:
             self._poller.cancel()
         await self.core.drain_background()
+        self.core.close()
         await self.pool.close()
         self._uvicorn = self._http_task = self._grpc = self._poller = None

@@ -87,7 +87,10 @@ class GatewayTokenizer:
 
     # -- text <-> ids ---------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch, unlike encode, releases the GIL while it works: a long prompt tokenized
+        # on the gateway's tokenizer thread does not stall the event loop.
+        (encoding,) = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         text = self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import jsonschema
 
+from contract.sampling import SAMPLING_FIELDS
 from contract.structured import StructuredOutputs
 from gateway.errors import invalid
 from gateway.schema import GenerationParams
@@ -44,6 +45,29 @@ def check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> No
             )
 
 
+def check_n(p: GenerationParams, limits: Limits) -> None:
+    _require(1 <= p.n <= limits.max_n, f"n must be in [1, {limits.max_n}], got {p.n}", "n")
+
+
+def check_wire_ranges(p: GenerationParams) -> None:
+    """Every numeric field within what the worker protocol and the engine carry (contract's
+    `carries`): a value past it would overflow a protobuf int32/uint32 or become inf as a
+    float32 on its way to a worker."""
+    for f in SAMPLING_FIELDS:
+        if f.carries is None:
+            continue
+        value = getattr(p, f.name)
+        values = value if isinstance(value, tuple | list) else (value,)
+        lo, hi = f.carries
+        for v in values:
+            if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            if isinstance(v, float) and math.isnan(v):
+                continue  # the field's own check names it
+            if not lo <= v <= hi:
+                raise invalid(f"{f.name} must be in [{lo}, {hi}], got {v}", f.name)
+
+
 def validate_params(p: GenerationParams, limits: Limits) -> None:
     """Raise GatewayError(INVALID) naming the first parameter out of range."""
     _check_sampling(p)
@@ -54,6 +78,7 @@ def validate_params(p: GenerationParams, limits: Limits) -> None:
     if p.logit_bias:
         check_token_ids(list(p.logit_bias), limits.vocab_size, "logit_bias")
         raise invalid("logit_bias is not supported by this server's workers", "logit_bias")
+    check_wire_ranges(p)  # last: the checks above give the more specific messages
 
 
 def _check_sampling(p: GenerationParams) -> None:
@@ -93,7 +118,7 @@ def _check_sampling(p: GenerationParams) -> None:
 
 
 def _check_counts(p: GenerationParams, limits: Limits) -> None:
-    _require(1 <= p.n <= limits.max_n, f"n must be in [1, {limits.max_n}], got {p.n}", "n")
+    check_n(p, limits)
     _require(
         p.max_tokens is None or p.max_tokens >= 1,
         f"max_tokens must be >= 1, got {p.max_tokens}",

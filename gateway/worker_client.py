@@ -6,7 +6,7 @@ carried as an opaque `KVLease` and handed to the decode worker unchanged.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,8 @@ import grpc
 from contract.sampling import WORKER_FIELD_NAMES
 from gateway.schema import FinishReason, GenerationParams, TokenLogprob
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from rpc.channel import open_channel
+from rpc.auth import cluster_token_metadata
+from rpc.channel import channel_credentials, open_channel
 from rpc.finish import finish_reason_from_pb
 from rpc.sampling import fields_to_pb
 
@@ -130,10 +131,22 @@ class DecodeCall:
 class WorkerClient:
     """One channel to one worker; every call takes a deadline."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
         self.address = address
+        # Sent with every call (the cluster token), not through a channel interceptor: an
+        # intercepted stream relays each Decode chunk through one more layer.
+        self._metadata = tuple(metadata) if metadata else None
         self._channel = open_channel(
-            address, max_receive_bytes=MAX_MESSAGE_BYTES, max_send_bytes=MAX_MESSAGE_BYTES
+            address,
+            credentials=credentials,
+            max_receive_bytes=MAX_MESSAGE_BYTES,
+            max_send_bytes=MAX_MESSAGE_BYTES,
         )
         self._prefill = worker_pb2_grpc.PrefillServiceStub(self._channel)
         self._decode = worker_pb2_grpc.DecodeServiceStub(self._channel)
@@ -193,7 +206,8 @@ class WorkerClient:
         )
         if lease is not None:
             request.kv_handle.CopyFrom(lease.handle)
-        return DecodeCall(self.address, self._decode.Decode(request, timeout=timeout))
+        call = self._decode.Decode(request, timeout=timeout, metadata=self._metadata)
+        return DecodeCall(self.address, call)
 
     async def abort(self, request_id: str, timeout: float) -> bool:
         request = worker_pb2.AbortRequest(request_id=request_id)
@@ -201,9 +215,22 @@ class WorkerClient:
 
     async def _unary(self, method: str, rpc: Any, request: Any, timeout: float) -> Any:
         try:
-            return await rpc(request, timeout=timeout)
+            return await rpc(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise WorkerRpcError(self.address, method, exc.code(), exc.details() or "") from exc
+
+
+def client_factory(config) -> Callable[[str], WorkerClient]:
+    """WorkerClients as a GatewayConfig says: TLS/mTLS and the cluster credential."""
+    credentials = channel_credentials(
+        config.worker_tls_ca, config.worker_tls_cert, config.worker_tls_key
+    )
+    metadata = cluster_token_metadata(config.cluster_secret)
+
+    def make(address: str) -> WorkerClient:
+        return WorkerClient(address, credentials=credentials, metadata=metadata)
+
+    return make
 
 
 def _sampling_message(sampling: SamplingRequest) -> common_pb2.SamplingParams:

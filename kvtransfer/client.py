@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -50,12 +51,16 @@ class KVTransferClient:
         max_chunk_bytes: int = 0,
         streams: int = 2,
         shm_pieces: int = 1,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         if transport not in TRANSPORT_CHOICES:
             raise ValueError(f"transport must be one of {TRANSPORT_CHOICES}, got {transport!r}")
         options = TransportOptions(streams=streams, shm_pieces=shm_pieces)
         self._channel = open_channel(
-            endpoint, credentials=credentials, max_receive_bytes=_MAX_MESSAGE
+            endpoint,
+            credentials=credentials,
+            max_receive_bytes=_MAX_MESSAGE,
+            interceptors=interceptors,
         )
         self._stub = kvtransfer_pb2_grpc.KVTransferServiceStub(self._channel)
         self._transports: dict[str, Transport] = {

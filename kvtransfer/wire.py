@@ -200,6 +200,8 @@ def handle_to_pb(handle: KVHandle) -> worker_pb2.KVHandle:
         lease_ms=handle.lease_ms,
         compat_hash=handle.compat_hash,
         host_id=handle.host_id,
+        expires_at_ms=handle.expires_at_ms,
+        signature=handle.signature,
     )
     if handle.first_top_logprobs is not None:
         msg.first_token_logprobs.CopyFrom(
@@ -226,6 +228,8 @@ def handle_from_pb(msg: worker_pb2.KVHandle) -> KVHandle:
         lease_ms=msg.lease_ms,
         compat_hash=msg.compat_hash,
         host_id=msg.host_id,
+        expires_at_ms=msg.expires_at_ms,
+        signature=msg.signature,
     )
 
 

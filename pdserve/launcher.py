@@ -11,6 +11,13 @@ Process model (no orphans, without prctl):
 - the watcher polls its parent id; when the launcher dies (even by SIGKILL) the watcher stops
   the child the same way.
 
+Supervision: once everything is ready, a child that exits is started again on the same
+command line (same port) after a backoff that doubles with each exit in the restart window; the
+others keep running (the gateway routes around a missing worker). More than `max_restarts`
+exits of one child within `window_s` is a crash loop: the launcher prints the child's last log
+lines and stops the cluster. A child that dies before the cluster was first ready is fatal at
+once (a bad flag or model would only loop).
+
 This module imports only the standard library at the top, so the watcher and the health probe
 (`python -I launcher.py probe URL`, used by compose health checks) start fast and do not depend
 on the rest of the package.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -40,6 +48,7 @@ PREFILL_PORT = 50061  # first prefill worker; the next ones count up
 DECODE_PORT = 50071  # first decode worker; the next ones count up
 LOOPBACK = "127.0.0.1"
 GATEWAY_API_KEY_ENV = "PDSERVE_API_KEY"  # read by `pdserve gateway` (keeps the key off argv)
+CLUSTER_SECRET_ENV = "PDSERVE_CLUSTER_SECRET"  # rpc.auth.CLUSTER_SECRET_ENV (stdlib-only here)
 WATCH_POLL_S = 0.5  # how often a watcher checks that the launcher is still alive
 PROBE_INTERVAL_S = 0.5  # between readiness probes while starting
 LOG_TAIL_LINES = 40  # lines of a child's log kept for the error report when it dies
@@ -85,6 +94,8 @@ class ClusterOptions:
     worker_args: tuple[str, ...] = ()  # engine flags, passed to every worker
     gateway_args: tuple[str, ...] = ()  # e.g. --served-model-name, --api-key, --chat-template
     python: str = sys.executable
+    # Shared by the gateway and every worker, in their environment; a new one for each run.
+    cluster_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
     def __post_init__(self) -> None:
         if self.num_decode < 1:
@@ -129,7 +140,8 @@ def _worker(opts: ClusterOptions, role: str, index: int, port: int) -> ChildSpec
         "--log-level", opts.worker_log_level, "--drain-timeout", f"{opts.drain_timeout_s:g}",
         *opts.worker_args,
     )  # fmt: skip
-    return ChildSpec(name, argv, Probe(f"grpc://{LOOPBACK}:{port}"))
+    env = {CLUSTER_SECRET_ENV: opts.cluster_secret}
+    return ChildSpec(name, argv, Probe(f"grpc://{LOOPBACK}:{port}"), env)
 
 
 def _gateway(opts: ClusterOptions) -> ChildSpec:
@@ -139,7 +151,9 @@ def _gateway(opts: ClusterOptions) -> ChildSpec:
         args += ["--prefill", ",".join(f"{LOOPBACK}:{p}" for p in opts.prefill_ports)]
     args += ["--decode", ",".join(f"{LOOPBACK}:{p}" for p in opts.decode_ports)]
     argv = pdserve_argv(opts.python, "gateway", *args, *opts.gateway_args)
-    env = {GATEWAY_API_KEY_ENV: opts.api_key} if opts.api_key else {}
+    env = {CLUSTER_SECRET_ENV: opts.cluster_secret}
+    if opts.api_key:
+        env[GATEWAY_API_KEY_ENV] = opts.api_key
     return ChildSpec("gateway", argv, Probe(f"{opts.base_url}/health"), env)
 
 
@@ -297,10 +311,67 @@ def start_child(spec: ChildSpec, printer: LogPrinter, grace_s: float, env: dict[
 
 
 class ChildExited(RuntimeError):
-    def __init__(self, child: Child) -> None:
+    def __init__(self, child: Child, why: str = "") -> None:
         self.child = child
         code = exit_status(child.proc.returncode)
-        super().__init__(f"{child.spec.role} exited with status {code}")
+        super().__init__(f"{child.spec.role} exited with status {code}{why}")
+
+
+@dataclass(slots=True, frozen=True)
+class RestartPolicy:
+    """Restart a child that exits, after `backoff_s * 2**k` seconds (k: its earlier exits in the
+    window, capped at `max_backoff_s`); more than `max_restarts` exits in `window_s` stop the
+    cluster (a crash loop)."""
+
+    max_restarts: int = 5
+    window_s: float = 60.0
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if not (self.window_s > 0 and self.backoff_s >= 0 and self.max_backoff_s >= 0):
+            raise ValueError("restart window must be > 0 and backoffs >= 0")
+
+    def delay(self, earlier_exits: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** min(earlier_exits, 30))
+
+
+class Supervisor:
+    """Watches a ready cluster: restarts children that exit, raises ChildExited on a crash loop."""
+
+    def __init__(self, cluster: Cluster, policy: RestartPolicy) -> None:
+        self.cluster = cluster
+        self.policy = policy
+        self._exits: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._due: dict[int, float] = {}  # child index -> when to start it again
+
+    def check(self, now: float) -> None:
+        for index, child in enumerate(self.cluster.children):
+            if index in self._due:
+                if now >= self._due[index]:
+                    del self._due[index]
+                    self.cluster.restart(index)
+            elif not child.alive():
+                self._on_exit(index, child, now)
+
+    def _on_exit(self, index: int, child: Child, now: float) -> None:
+        exits = self._exits[child.spec.role]
+        while exits and now - exits[0] > self.policy.window_s:
+            exits.popleft()
+        exits.append(now)
+        window = f"{self.policy.window_s:g} s"
+        if len(exits) > self.policy.max_restarts:
+            raise ChildExited(child, f" (crash loop: {len(exits)} exits within {window})")
+        delay = self.policy.delay(len(exits) - 1)
+        code = exit_status(child.proc.returncode)
+        self.cluster.printer.line(
+            "serve",
+            f"{child.spec.role} exited with status {code}; restarting it in {delay:.1f} s "
+            f"(exit {len(exits)} of at most {self.policy.max_restarts + 1} within {window})",
+        )
+        self._due[index] = now + delay
 
 
 @dataclass(slots=True)
@@ -326,14 +397,24 @@ class Cluster:
         self.printer = printer
         self.grace_s = grace_s
         self.children: list[Child] = []
+        self._env: dict[str, str] = {}
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._env = dict(os.environ, PYTHONUNBUFFERED="1")
         for spec in self.specs:
-            child = start_child(spec, self.printer, self.grace_s, env)
+            child = start_child(spec, self.printer, self.grace_s, self._env)
             self.children.append(child)
             self.printer.line("serve", f"started {spec.role} (pid {child.pid}): "
                                        f"{shlex.join(spec.argv)}")  # fmt: skip
+
+    def restart(self, index: int) -> None:
+        """Start child `index` again (it has exited; the whole group is reaped first)."""
+        old = self.children[index]
+        old.signal(signal.SIGKILL, group=True)  # whatever it left behind in its group
+        old.proc.wait()
+        child = start_child(old.spec, self.printer, self.grace_s, self._env)
+        self.children[index] = child
+        self.printer.line("serve", f"started {old.spec.role} again (pid {child.pid})")
 
     def exited(self) -> Child | None:
         return next((c for c in self.children if not c.alive()), None)
@@ -399,6 +480,7 @@ class RunOptions:
     ready_timeout_s: float = 600.0
     grace_s: float = 30.0
     banner: str = ""  # printed once everything is ready
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 def _report_death(printer: LogPrinter, exc: ChildExited) -> None:
@@ -414,9 +496,9 @@ def _serve_until_stopped(cluster: Cluster, flags: StopFlags, opts: RunOptions) -
         return 0
     for text in (opts.banner or "ready").splitlines():
         cluster.printer.line("serve", text)
-    while not flags.stop.wait(0.25):
-        if (dead := cluster.exited()) is not None:
-            raise ChildExited(dead)
+    supervisor = Supervisor(cluster, opts.restart)
+    while not flags.stop.wait(0.1):
+        supervisor.check(time.monotonic())
     return 0
 
 

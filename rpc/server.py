@@ -15,6 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from rpc.auth import ClusterSecret, ClusterTokenInterceptor, add_cluster_secret_arg
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 << 20  # KV chunks are <= 1 MiB; prompts of 1M tokens fit
@@ -30,6 +32,8 @@ class ServerOptions:
     tls_client_ca: Path | None = None  # with it, clients must present a certificate it signed
     max_message_bytes: int | None = MAX_MESSAGE_BYTES  # None: gRPC's defaults
     reuse_port: bool = False  # SO_REUSEPORT: a second server could bind the same port
+    # With it, every call except health and reflection needs the cluster token (rpc/auth.py).
+    cluster_secret: ClusterSecret | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -82,7 +86,10 @@ async def start_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
 ) -> RunningServer:
     """Create, register services (`register` returns their full names), bind, start."""
-    server = grpc.aio.server(interceptors=interceptors, options=options.grpc_options())
+    chain = list(interceptors or ())
+    if options.cluster_secret is not None:
+        chain.insert(0, ClusterTokenInterceptor(options.cluster_secret))
+    server = grpc.aio.server(interceptors=chain or None, options=options.grpc_options())
     names = tuple(register(server))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -127,11 +134,13 @@ def add_server_args(parser, *, default_port: int):
     g.add_argument(
         "--tls-ca", type=Path, default=None, help="CA (PEM) to trust when calling TLS peers"
     )
+    add_cluster_secret_arg(g)
     return g
 
 
-def server_options_from_args(args) -> ServerOptions:
+def server_options_from_args(args, cluster_secret: ClusterSecret | None = None) -> ServerOptions:
     return ServerOptions(
+        cluster_secret=cluster_secret,
         host=args.host,
         port=args.port,
         tls_cert=args.tls_cert,

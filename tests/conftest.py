@@ -40,3 +40,7 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("LlamaForCausalLM")
+
+# Workers and gateways started from the CLI need a cluster secret (rpc/auth.py); tests that start
+# them as subprocesses pass this one on through the environment.
+os.environ.setdefault("PDSERVE_CLUSTER_SECRET", "test-cluster-secret-0123456789")

@@ -74,13 +74,13 @@ def _add_chunk_arg(g) -> None:
     )
 
 
-def config_from_args(role: str, args: argparse.Namespace):
+def config_from_args(role: str, args: argparse.Namespace, cluster_secret=None):
     from worker.config import BothWorkerConfig, DecodeWorkerConfig, PrefillWorkerConfig
 
     if role == "both":
         return BothWorkerConfig(
-            prefill=config_from_args("prefill", args),
-            decode=config_from_args("decode", args),
+            prefill=config_from_args("prefill", args, cluster_secret),
+            decode=config_from_args("decode", args, cluster_secret),
             engine_id=args.engine_id,
             drain_timeout_s=args.drain_timeout,
         )
@@ -94,25 +94,39 @@ def config_from_args(role: str, args: argparse.Namespace):
             advertise_address=args.advertise_address,
             engine_id=args.engine_id,
             drain_timeout_s=args.drain_timeout,
+            cluster_secret=cluster_secret,
         )
+    # With --tls-client-ca on the prefill workers, a decode worker presents its own server
+    # certificate as its client certificate.
+    mtls = args.tls_ca is not None and args.tls_cert is not None
     return DecodeWorkerConfig(
         kv_transport=args.kv_transport,
         peer_tls_ca=args.tls_ca,
+        peer_tls_cert=args.tls_cert if mtls else None,
+        peer_tls_key=args.tls_key if mtls else None,
         max_chunk_bytes=args.kv_max_chunk_bytes,
         engine_id=args.engine_id,
         drain_timeout_s=args.drain_timeout,
+        cluster_secret=cluster_secret,
     )
 
 
 def run(role: str, args: argparse.Namespace, engine_config) -> int:
     """Serve until SIGINT/SIGTERM, then drain. `engine_config`: the engine's, model resolved."""
+    import os
+
     from engine.engine import LLMEngine
+    from rpc.auth import require_cluster_secret
     from rpc.server import configure_logging, serve_until_signal, server_options_from_args
     from worker.server import start_worker_server
 
     configure_logging(args.log_level)
-    config = config_from_args(role, args)
-    options = server_options_from_args(args)
+    try:
+        secret = require_cluster_secret(args.cluster_secret_file, os.environ)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"pdserve {role}: error: {exc}") from None
+    config = config_from_args(role, args, secret)
+    options = server_options_from_args(args, secret)
     engine = LLMEngine(engine_config)
 
     async def main() -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvtransfer.transports import TRANSPORT_CHOICES
+from rpc.auth import ClusterSecret
 
 ROLES = ("prefill", "decode", "both")
 
@@ -20,6 +21,7 @@ class PrefillWorkerConfig:
     advertise_address: str | None = None  # host:port put in KV handles; None: the bound address
     engine_id: str | None = None
     drain_timeout_s: float = 30.0
+    cluster_secret: ClusterSecret | None = None  # signs KV handles (None: unsigned)
 
     def __post_init__(self) -> None:
         if not 1 <= self.lease_ms <= self.max_lease_ms:
@@ -36,6 +38,10 @@ class PrefillWorkerConfig:
 class DecodeWorkerConfig:
     kv_transport: str = "auto"  # auto: shared memory with a same-host prefill worker, else gRPC
     peer_tls_ca: Path | None = None  # trust roots for TLS prefill workers (None: plaintext)
+    peer_tls_cert: Path | None = None  # client certificate for mTLS prefill workers
+    peer_tls_key: Path | None = None
+    # Sent to prefill workers and checks KV handles' signatures (None: unsigned handles accepted)
+    cluster_secret: ClusterSecret | None = None
     max_chunk_bytes: int = 0  # 0: the server's default (1 MiB)
     engine_id: str | None = None
     drain_timeout_s: float = 30.0

@@ -75,9 +75,12 @@ class DecodeWorker:
             self.paged,
             local_host_id=self.identity.host_id,
             transport=config.kv_transport,
-            credentials=channel_credentials(config.peer_tls_ca),
+            credentials=channel_credentials(
+                config.peer_tls_ca, config.peer_tls_cert, config.peer_tls_key
+            ),
             max_chunk_bytes=config.max_chunk_bytes,
             local_exporter=local_exporter,
+            cluster_secret=config.cluster_secret,
         )
         self.serving = False
         self._active: dict[str, _Active] = {}

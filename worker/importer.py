@@ -20,10 +20,11 @@ from engine.engine_loop import EngineLoop, RequestStream
 from engine.sampling_params import SamplingParams
 from kvtransfer.client import KVTransferClient, PullResult
 from kvtransfer.exporter import KVExporter, ReadRequest
-from kvtransfer.handle import KVHandle
+from kvtransfer.handle import HANDLE_KEY_PURPOSE, KVHandle, verify_handle
 from kvtransfer.layout import IncompatibleLayoutError
 from kvtransfer.pages import PagedKV
 from kvtransfer.transport import finish_even_if_cancelled
+from rpc.auth import ClusterSecret, cluster_token_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class KVImporter:
         credentials: grpc.ChannelCredentials | None,
         max_chunk_bytes: int,
         local_exporter: KVExporter | None = None,
+        cluster_secret: ClusterSecret | None = None,
     ) -> None:
         self._loop = engine_loop
         self._local = local_exporter  # our own prefill role's blocks (a `both` worker)
@@ -56,6 +58,8 @@ class KVImporter:
         self._transport = transport
         self._credentials = credentials
         self._max_chunk_bytes = max_chunk_bytes
+        self._interceptors = cluster_token_interceptors(cluster_secret)
+        self._handle_key = cluster_secret.derive(HANDLE_KEY_PURPOSE) if cluster_secret else None
         self._clients: dict[str, KVTransferClient] = {}
         self._background: set[asyncio.Task] = set()
         self.bytes_pulled = 0
@@ -113,7 +117,11 @@ class KVImporter:
             await client.close()
 
     def _check_handle(self, call: ImportCall) -> None:
+        """Before anything is reserved or dialed: signed by a trusted prefill worker, unexpired,
+        and matching this prompt and this worker's layout."""
         handle = call.handle
+        if self._handle_key is not None:
+            verify_handle(handle, self._handle_key)
         if handle.num_tokens != len(call.prompt_token_ids):
             raise ValueError(
                 f"KV handle covers {handle.num_tokens} tokens, the prompt has "
@@ -209,6 +217,7 @@ class KVImporter:
                 transport=self._transport,
                 credentials=self._credentials,
                 max_chunk_bytes=self._max_chunk_bytes,
+                interceptors=self._interceptors,
             )
             self._clients[endpoint] = client
         return client

@@ -18,7 +18,7 @@ from engine.engine_loop import EngineLoop, RequestStream
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvtransfer.exporter import KVExporter, WorkerIdentity
-from kvtransfer.handle import KVHandle
+from kvtransfer.handle import HANDLE_KEY_PURPOSE, KVHandle, sign_handle
 from kvtransfer.layout import KVLayout
 from kvtransfer.lease import FreeReason, Lease, LeaseConfig, LeaseTable
 from kvtransfer.pages import PagedKV
@@ -85,6 +85,8 @@ class PrefillWorker:
         shm = ShmExporter() if config.enable_shm and shm_available() else None
         self.exporter = KVExporter(self.paged, self.leases, self.identity, shm)
         self.kv_endpoint = config.advertise_address or ""
+        secret = config.cluster_secret
+        self._handle_key = secret.derive(HANDLE_KEY_PURPOSE) if secret else None
         self.serving = False
         self._active = 0
 
@@ -212,6 +214,8 @@ class PrefillWorker:
             compat_hash=self.exporter.compat_hash,
             host_id=self.identity.host_id,
         )
+        if self._handle_key is not None:
+            handle = sign_handle(handle, self._handle_key, handle.lease_ms)
         return PrefillOutcome(handle, result.num_prompt_tokens, out.num_cached_tokens)
 
     def _lease_ms_left(self, lease: Lease) -> int:

@@ -26,6 +26,7 @@ from gateway.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from gateway.openai.slow_clients import BodyTimeoutMiddleware
 from gateway.openai.streaming import ClientDisconnected
 from gateway.schema import ChatPrompt, TextPrompt
 from gateway.validation import check_token_ids
@@ -43,6 +44,7 @@ def build_app(core: GatewayCore) -> FastAPI:
     if core.config.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=core.config.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=core.config.max_body_bytes)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=core.config.body_timeout_s)
     app.add_middleware(
         HeaderLimitMiddleware,
         max_count=core.config.max_header_count,
@@ -105,7 +107,7 @@ def _add_tokenizer_routes(app: FastAPI, core: GatewayCore) -> None:
             prompt: TextPrompt | ChatPrompt = ChatPrompt(messages, body.add_generation_prompt)
         else:
             prompt = TextPrompt(body.prompt or "", body.add_special_tokens)
-        tokens = core.tokenize(prompt)
+        tokens = await core.tokenize_off_loop(prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": core.max_model_len}
 
     @app.post("/detokenize")

@@ -33,7 +33,7 @@ async def create_chat_completion(
     )
     params = body.to_params(plan.constraint())
     prompt = ChatPrompt(body.chat_messages(), body.add_generation_prompt, plan.tools)
-    runs = open_runs(core, [GenerateRequest(prompt, params)])
+    runs = await open_runs(core, [GenerateRequest(prompt, params)])
     meta = ResponseMeta.new("chatcmpl", core.config.model_name)
     if body.stream:
         events = _events(core, meta, runs[0], plan, body.include_usage, body.continuous_usage)

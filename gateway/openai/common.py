@@ -11,6 +11,7 @@ from gateway.core import GatewayCore
 from gateway.errors import ErrorKind, GatewayError
 from gateway.request_run import RequestRun
 from gateway.schema import GenerateRequest
+from gateway.validation import check_n
 
 
 @dataclass(slots=True, frozen=True)
@@ -30,12 +31,15 @@ def check_model(core: GatewayCore, model: str | None) -> None:
         raise GatewayError(ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", "model")
 
 
-def open_runs(core: GatewayCore, requests: Sequence[GenerateRequest]) -> list[RequestRun]:
+async def open_runs(core: GatewayCore, requests: Sequence[GenerateRequest]) -> list[RequestRun]:
     """Admit every request or none: a later failure closes the runs already opened."""
+    for request in requests:
+        check_n(request.params, core.limits)
+    core.check_capacity(sum(request.params.n for request in requests))  # the whole fan-out
     runs: list[RequestRun] = []
     try:
         for request in requests:
-            runs.append(core.open(request))
+            runs.append(await core.open(request))
     except BaseException:
         for run in runs:
             run.close()

@@ -25,7 +25,7 @@ async def create_completion(
     check_model(core, body.model)
     params = body.to_params()
     prompts = _prompts(body.prompt, body.add_special_tokens)
-    runs = open_runs(core, [GenerateRequest(p, params) for p in prompts])
+    runs = await open_runs(core, [GenerateRequest(p, params) for p in prompts])
     meta = ResponseMeta.new("cmpl", core.config.model_name)
     echoes = [
         _echo_text(core, p, r) if body.echo else "" for p, r in zip(prompts, runs, strict=True)

@@ -72,8 +72,12 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             return task.result()
         raise ClientDisconnected()
     finally:
-        task.cancel()
         watch.cancel()
+        if not task.done():
+            # Let the work unwind before the caller closes what it was using (closing an async
+            # generator whose anext() is still running raises RuntimeError).
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def start_sse(request: Request, events: AsyncIterator[str]) -> Response:

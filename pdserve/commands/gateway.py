@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from rpc.auth import add_cluster_secret_arg, require_cluster_secret
+
 API_KEY_ENV = "PDSERVE_API_KEY"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -41,6 +43,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="prompts shorter than this are prefilled on the decode worker",
     )
     g.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds per Prefill call")
+    g.add_argument("--prefill-progress-timeout", type=float, default=1.0,
+                   help="a Prefill unanswered this long, whose worker then cannot answer GetLoad "
+                   "within as long, is abandoned and prefilled on the decode worker")  # fmt: skip
     g.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request")
     g.add_argument(
         "--load-interval", type=float, default=1.0, help="seconds between worker load/health polls"
@@ -77,6 +82,21 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="requests in flight before new ones get 429 / RESOURCE_EXHAUSTED",
     )
     s.add_argument("--max-n", type=int, default=16)
+    s.add_argument("--max-prompt-bytes", type=int, default=2**20,
+                   help="longer prompt text gets 400 before it is tokenized")  # fmt: skip
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request head to arrive, then the connection is closed")  # fmt: skip
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request body to arrive after its head, then 408")  # fmt: skip
+    s.add_argument("--max-connections", type=int, default=1024,
+                   help="HTTP connections open at once; more are closed when accepted")  # fmt: skip
+    w = parser.add_argument_group("trust between services")
+    add_cluster_secret_arg(w)
+    w.add_argument("--worker-tls-ca", type=Path, default=None,
+                   help="dial workers over TLS, trusting this CA (PEM)")  # fmt: skip
+    w.add_argument("--worker-tls-cert", type=Path, default=None,
+                   help="client certificate (PEM) for workers that require mTLS")  # fmt: skip
+    w.add_argument("--worker-tls-key", type=Path, default=None, help="its private key (PEM)")
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
 
@@ -107,7 +127,15 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
     from gateway.config import GatewayConfig
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    try:
+        secret = require_cluster_secret(args.cluster_secret_file, os.environ)
+    except OSError as exc:
+        raise ValueError(f"cannot read --cluster-secret-file: {exc}") from None
     return GatewayConfig(
+        cluster_secret=secret,
+        worker_tls_ca=args.worker_tls_ca,
+        worker_tls_cert=args.worker_tls_cert,
+        worker_tls_key=args.worker_tls_key,
         model_path=model_path,
         prefill_addresses=_addresses(args.prefill),
         decode_addresses=_addresses(args.decode),
@@ -124,7 +152,12 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
         max_pending=args.max_pending,
         min_prefill_tokens=args.min_prefill_tokens,
         max_n=args.max_n,
+        max_prompt_bytes=args.max_prompt_bytes,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
         prefill_timeout_s=args.prefill_timeout,
+        prefill_progress_s=args.prefill_progress_timeout,
         request_timeout_s=args.request_timeout,
         load_interval_s=args.load_interval,
     )

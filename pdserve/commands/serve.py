@@ -20,6 +20,7 @@ from pdserve.launcher import (
     GATEWAY_HTTP_PORT,
     PREFILL_PORT,
     ClusterOptions,
+    RestartPolicy,
     RunOptions,
     plan_cluster,
     run_cluster,
@@ -44,6 +45,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to get healthy")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds each child may drain after SIGTERM (then SIGKILL)")  # fmt: skip
+    g.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of one child within --restart-window before the cluster stops")  # fmt: skip
+    g.add_argument("--restart-window", type=float, default=60.0, help="seconds (see --max-restarts)")
+    g.add_argument("--cluster-secret-file", type=Path, default=None,
+                   help="the secret gateway and workers share (default: a new random one per run)")  # fmt: skip
     add_cache_dir_arg(g)
     g.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     gw = p.add_argument_group("gateway")
@@ -111,7 +117,11 @@ def resolve_model(model: str | None, cache_dir: str | None) -> Path:
 
 
 def cluster_options(args: argparse.Namespace, model: Path) -> ClusterOptions:
+    extra = {}
+    if args.cluster_secret_file is not None:
+        extra["cluster_secret"] = args.cluster_secret_file.read_text().strip()
     return ClusterOptions(
+        **extra,
         model=str(model),
         host=args.host,
         port=args.port,
@@ -146,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = resolve_model(args.model, args.cache_dir)
         opts = cluster_options(args, model)
-    except (ValueError, FileNotFoundError) as exc:
+        RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
+    except (ValueError, OSError) as exc:
         print(f"pdserve serve: error: {exc}", file=sys.stderr)
         return 2
     served = args.served_model_name or model.name
@@ -154,5 +165,6 @@ def run(args: argparse.Namespace) -> int:
         ready_timeout_s=args.ready_timeout,
         grace_s=args.drain_timeout + DRAIN_MARGIN_S,
         banner=banner(opts, served, args.api_key),
+        restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window),
     )
     return run_cluster(plan_cluster(opts), run_opts)

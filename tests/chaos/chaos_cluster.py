@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
+from cluster_token import worker_channel
 
 from pdserve.launcher import LOOPBACK, pdserve_argv, probe
 from protos.pdserve.v1 import common_pb2, worker_pb2_grpc
@@ -264,14 +264,14 @@ class Cluster:
 
     def debug_state(self, name: str) -> common_pb2.DebugState:
         worker = self.workers[name]
-        with grpc.insecure_channel(worker.address) as channel:
+        with worker_channel(worker.address) as channel:
             stub = (worker_pb2_grpc.PrefillServiceStub(channel) if worker.role == "prefill"
                     else worker_pb2_grpc.DecodeServiceStub(channel))  # fmt: skip
             return stub.GetDebugState(common_pb2.GetDebugStateRequest(), timeout=5)
 
     def load(self, name: str) -> common_pb2.LoadReport:
         worker = self.workers[name]
-        with grpc.insecure_channel(worker.address) as channel:
+        with worker_channel(worker.address) as channel:
             stub = (worker_pb2_grpc.PrefillServiceStub(channel) if worker.role == "prefill"
                     else worker_pb2_grpc.DecodeServiceStub(channel))  # fmt: skip
             return stub.GetLoad(common_pb2.GetLoadRequest(), timeout=5)

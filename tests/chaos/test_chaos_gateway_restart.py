@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 import pytest
 from chaos_client import LONG_PROMPT, completion_body, new_client, request
 from chaos_cluster import P0_LEASE_MS
+from cluster_token import worker_channel
 
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -64,7 +64,7 @@ def test_prompt_prefilled_for_a_gateway_that_died_is_freed_by_its_lease(up, figu
     will pull. p0 frees it when the lease runs out."""
     p0 = up.workers["p0"]
     prompt = list(range(20, 60))
-    with grpc.insecure_channel(p0.address) as channel:
+    with worker_channel(p0.address) as channel:
         reply = worker_pb2_grpc.PrefillServiceStub(channel).Prefill(
             worker_pb2.PrefillRequest(transfer_id="orphan-1", prompt_token_ids=prompt,
                                       sampling=common_pb2.SamplingParams(max_tokens=4)),

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from chaos_client import LONG_PROMPT
 from chaos_cluster import MODEL_NAME, REPO
+from cluster_token import worker_channel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -180,7 +181,7 @@ def test_malformed_kv_reads_are_refused_cleanly(up):
     """Reads naming unknown transfers, foreign epochs or hashes, or out-of-range blocks."""
     p0 = up.workers["p0"]
     epoch = up.load("p0").epoch
-    with grpc.insecure_channel(p0.address) as channel:
+    with worker_channel(p0.address) as channel:
         stub = kvtransfer_pb2_grpc.KVTransferServiceStub(channel)
         bad = [
             kvtransfer_pb2.ReadBlocksRequest(transfer_id="nope", block_ids=[0], epoch=epoch),

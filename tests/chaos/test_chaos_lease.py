@@ -15,6 +15,7 @@ import grpc
 import pytest
 from chaos_client import LONG_PROMPT, completion_body, new_client, request
 from chaos_cluster import P0_LEASE_MS, metrics
+from cluster_token import worker_channel
 
 from protos.pdserve.v1 import (
     common_pb2,
@@ -60,7 +61,7 @@ def test_decode_of_an_expired_handle_fails_loudly(up):
     """Worker level: a Decode with an expired handle is FAILED_PRECONDITION, and so is a raw
     ReadBlocks of its blocks -- no bytes of freed (NaN-filled) blocks ever leave p1."""
     p1, d0 = up.workers["p1"], up.workers["d0"]
-    with grpc.insecure_channel(p1.address) as pc, grpc.insecure_channel(d0.address) as dc:
+    with worker_channel(p1.address) as pc, worker_channel(d0.address) as dc:
         reply = worker_pb2_grpc.PrefillServiceStub(pc).Prefill(
             worker_pb2.PrefillRequest(transfer_id="expire-1", prompt_token_ids=PROMPT_IDS,
                                       sampling=GREEDY), timeout=30)  # fmt: skip

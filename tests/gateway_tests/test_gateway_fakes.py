@@ -86,6 +86,7 @@ class FakeWorker:
         self.calls = CallLog()
         self.token_delay_s = 0.0  # between decode chunks
         self.prefill_delay_s = 0.0
+        self.load_delay_s = 0.0  # GetLoad sleeps this long first (a frozen worker: long)
         self.fail_with: grpc.StatusCode | None = None  # every Prefill/Decode fails with this
         self.queue_depth = 0
         self.kv_cache_usage = 0.0
@@ -167,6 +168,7 @@ class _Prefill(worker_pb2_grpc.PrefillServiceServicer):
         return worker_pb2.ReleaseResponse(released=True)
 
     def GetLoad(self, request, context):
+        time.sleep(self.w.load_delay_s)
         return self.w.load()
 
 

@@ -16,10 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import httpx
 import openai
 import pytest
+from cluster_token import worker_channel
 from test_workers_integration import Worker, wait_clean
 
 from engine.llm import LLM
@@ -214,7 +214,7 @@ def test_disconnect_mid_stream_frees_blocks_on_both_workers(cluster):
         for _ in range(6):  # a few tokens in
             next(lines)
     for address in (p.address, d.address):
-        channel = grpc.insecure_channel(address)
+        channel = worker_channel(address)
         stub = (
             worker_pb2_grpc.PrefillServiceStub
             if address == p.address
@@ -280,7 +280,7 @@ def test_one_both_worker_behind_the_gateway(tiny_llama, offline, tmp_path):
             )
             assert out.choices[0].text == offline[prompt].text, prompt
         assert remote_prefills(g.http) == before + 1
-        with grpc.insecure_channel(b.address) as channel:
+        with worker_channel(b.address) as channel:
             for stub in (
                 worker_pb2_grpc.PrefillServiceStub(channel),
                 worker_pb2_grpc.DecodeServiceStub(channel),

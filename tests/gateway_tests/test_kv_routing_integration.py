@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import httpx
 import pytest
+from cluster_token import worker_channel
 from test_gateway_integration import GatewayProcess, wait_healthy
 from test_workers_integration import Worker
 
@@ -57,7 +57,7 @@ def cluster(tiny_llama, tmp_path_factory):
 
 
 def stub(worker: Worker):
-    return worker_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(worker.address))
+    return worker_pb2_grpc.PrefillServiceStub(worker_channel(worker.address))
 
 
 def load(worker: Worker) -> common_pb2.LoadReport:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import httpx
 import openai
@@ -289,3 +291,44 @@ def test_client_disconnect_before_a_non_streaming_answer_aborts(gw):
         wait_until(lambda: gw.core.num_in_flight == 0)
     finally:
         gw.decode.token_delay_s = 0.0
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("stage", ["prefill", "first_token"])
+def test_a_hang_up_before_the_first_sse_chunk_is_quiet(gw, stage):
+    """Client gone before the stream's first chunk: at most one log line, no traceback (it
+    used to be ~75 lines of 'aclose(): asynchronous generator is already running')."""
+    collect = _Collect()
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "asyncio")]
+    for logger in loggers:
+        logger.addHandler(collect)
+    if stage == "prefill":
+        gw.prefill.prefill_delay_s = 1.0
+    else:
+        gw.decode.token_delay_s = 1.0
+    try:
+        for _ in range(3):
+            with pytest.raises(httpx.ReadTimeout):
+                with httpx.stream("POST", f"{gw.http_url}/v1/completions", timeout=0.3,
+                                  json={"prompt": LONG_PROMPT, "max_tokens": 3,
+                                        "stream": True}) as response:  # fmt: skip
+                    for _ in response.iter_lines():
+                        pass
+        wait_until(lambda: gw.core.num_in_flight == 0, timeout=10)
+        time.sleep(1.2)  # the delayed worker call ends and its result is thrown away
+    finally:
+        gw.prefill.prefill_delay_s = 0.0
+        gw.decode.token_delay_s = 0.0
+        for logger in loggers:
+            logger.removeHandler(collect)
+    noisy = [r for r in collect.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not [r for r in noisy if r.exc_info], [r.getMessage() for r in noisy]
+    assert len(noisy) <= 3, [r.getMessage() for r in noisy]  # one line per hang-up at most

@@ -54,15 +54,16 @@ STAND_IN = textwrap.dedent(
 DRIVER = textwrap.dedent(
     """
     import sys
-    from pdserve.launcher import ChildSpec, Probe, RunOptions, run_cluster
+    from pdserve.launcher import ChildSpec, Probe, RestartPolicy, RunOptions, run_cluster
     stand_in, grace, timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+    restart = RestartPolicy(max_restarts=int(sys.argv[4]), backoff_s=0.2, max_backoff_s=0.5)
     specs = []
-    for item in sys.argv[4:]:
+    for item in sys.argv[5:]:
         role, port, mode = item.split(":")
         argv = (sys.executable, stand_in, port, mode)
         specs.append(ChildSpec(role, argv, Probe(f"http://127.0.0.1:{port}/health")))
     sys.exit(run_cluster(specs, RunOptions(ready_timeout_s=timeout, grace_s=grace,
-                                           banner="READY")))
+                                           banner="READY", restart=restart)))
     """
 )
 
@@ -85,11 +86,12 @@ def is_running(pid: int) -> bool:
 class Driver:
     """A launcher process running stand-in children; collects its output lines."""
 
-    def __init__(self, tmp: Path, children: list[str], grace: float = 5.0, timeout: float = 30.0):
+    def __init__(self, tmp: Path, children: list[str], grace: float = 5.0, timeout: float = 30.0,
+                 max_restarts: int = 5):  # fmt: skip
         (tmp / "stand_in.py").write_text(STAND_IN)
         (tmp / "driver.py").write_text(DRIVER)
         argv = [sys.executable, str(tmp / "driver.py"), str(tmp / "stand_in.py"), str(grace),
-                str(timeout), *children]  # fmt: skip
+                str(timeout), str(max_restarts), *children]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=str(LAUNCHER.parents[1]), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)  # fmt: skip
@@ -201,12 +203,38 @@ def test_children_exit_when_the_launcher_is_killed(driver_factory) -> None:
     assert wait_gone(pids) == []
 
 
-def test_a_child_dying_after_startup_stops_the_cluster(driver_factory) -> None:
-    d = driver_factory(f"decode-0:{free_port()}:die_later", f"gateway:{free_port()}:ok")
+def test_a_killed_child_is_restarted_and_the_others_keep_running(driver_factory) -> None:
+    gateway_port = free_port()
+    d = driver_factory(f"decode-0:{free_port()}:ok", f"gateway:{gateway_port}:ok")
     d.read_until("serve | READY")
-    assert d.finish() == 1
-    assert "error: decode-0 exited with status 4" in d.text()
-    assert "stopping gateway (SIGTERM)" in d.text()
+    first = [int(line.split()[-3]) for line in d.lines if "decode-0 | pid " in line]
+    gateway_pids = [int(line.split()[-3]) for line in d.lines if "gateway | pid " in line]
+    os.kill(first[0], signal.SIGKILL)
+    d.read_until("decode-0 exited with status 137; restarting it in 0.2 s")
+    d.read_until("started decode-0 again")
+    d.read_until("decode-0 | listening on")
+    assert is_running(gateway_pids[0])  # untouched
+    with socket.create_connection(("127.0.0.1", gateway_port), timeout=5):
+        pass
+    assert d.proc.poll() is None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.finish() == 0
+    assert wait_gone(d.pids()) == []
+
+
+def test_a_crash_loop_stops_the_cluster_naming_the_child_and_its_log(driver_factory) -> None:
+    # die_later exits (status 4) 1.5 s after every start: 3 exits allowed, the 4th stops it all.
+    d = driver_factory(f"decode-0:{free_port()}:die_later", f"gateway:{free_port()}:ok",
+                       max_restarts=3)  # fmt: skip
+    d.read_until("serve | READY")
+    assert d.finish(timeout=60) == 1
+    text = d.text()
+    assert text.count("decode-0 exited with status 4; restarting it") == 3
+    assert text.count("started decode-0 again") == 3
+    assert "error: decode-0 exited with status 4 (crash loop: 4 exits within 60 s); " in text
+    tail = text.split("last lines of its log:")[1]
+    assert "decode-0 | listening on" in tail
+    assert "stopping gateway (SIGTERM)" in text
     assert wait_gone(d.pids()) == []
 
 
@@ -260,7 +288,13 @@ def test_plan_passes_engine_flags_to_workers_and_addresses_to_the_gateway() -> N
     assert (flag["--port"], flag["--grpc-port"], flag["--host"]) == ("9000", "9001", "127.0.0.1")
     assert flag["--log-level"] == "debug"  # the gateway's case
     assert flag["--served-model-name"] == "tiny" and "--api-key" not in flag
-    assert specs[-1].env == {"PDSERVE_API_KEY": "k"}  # not visible in `ps`
+    # Secrets travel in the environment, not visible in `ps`; one cluster secret for all.
+    secret = specs[0].env["PDSERVE_CLUSTER_SECRET"]
+    assert len(secret) >= 32 and all(secret not in " ".join(s.argv) for s in specs)
+    assert specs[-1].env == {"PDSERVE_API_KEY": "k", "PDSERVE_CLUSTER_SECRET": secret}
+    assert all(s.env["PDSERVE_CLUSTER_SECRET"] == secret for s in specs)
+    again = plan_cluster(cluster_options(args, Path("/models/tiny-llama")))
+    assert again[0].env["PDSERVE_CLUSTER_SECRET"] != secret  # a new one per run
     assert flag["--max-model-len"] == "256" and flag["--model"] == "/models/tiny-llama"
     assert specs[-1].probe.target == "http://127.0.0.1:9000/health"
 

@@ -16,8 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
+from cluster_token import worker_channel
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
@@ -109,7 +109,7 @@ def offline_tokens(tiny_llama) -> list[int]:
 
 def stubs(workers):
     p, d = workers
-    pc, dc = grpc.insecure_channel(p.address), grpc.insecure_channel(d.address)
+    pc, dc = worker_channel(p.address), worker_channel(d.address)
     return pc, dc, worker_pb2_grpc.PrefillServiceStub(pc), worker_pb2_grpc.DecodeServiceStub(dc)
 
 

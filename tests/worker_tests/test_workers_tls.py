@@ -46,7 +46,8 @@ def certs(tmp_path_factory) -> Path:
 
 
 def engine(model) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model), kv_cache_memory=1 << 20))
+    # Eager: these tests are about the wire, not the compiled forward.
+    return LLMEngine(EngineConfig(model=str(model), kv_cache_memory=1 << 20, enforce_eager=True))
 
 
 def test_kv_pull_over_tls_and_mtls_refuses_anonymous_clients(tiny_llama, certs):
@@ -98,6 +99,71 @@ def test_kv_pull_over_tls_and_mtls_refuses_anonymous_clients(tiny_llama, certs):
                         common_pb2.GetLoadRequest(), timeout=10
                     )
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # handshake refused
+        finally:
+            await d.stop(drain_s=0)
+            await p.stop(drain_s=0)
+
+    asyncio.run(main())
+
+
+def test_gateway_dials_mtls_workers_with_the_cluster_credential(tiny_llama, certs):
+    """Workers on mTLS that want the cluster credential: a gateway with the CA, a client
+    certificate and the secret serves a disaggregated request; one lacking either is locked out
+    (its workers unhealthy, 503) and nothing runs on the workers."""
+    import httpx
+
+    from gateway.config import GatewayConfig
+    from gateway.server import GatewayServer
+    from rpc.auth import ClusterSecret
+
+    secret = ClusterSecret("tls-test-cluster-secret")
+    mtls = ServerOptions(port=0, tls_cert=certs / "server.pem", tls_key=certs / "server.key",
+                         tls_client_ca=certs / "ca.pem", cluster_secret=secret)  # fmt: skip
+
+    async def complete(config) -> httpx.Response:
+        gateway = GatewayServer(config, log_level="warning")
+        await gateway.start()
+        try:
+            async with httpx.AsyncClient(timeout=60) as client:
+                body = {"model": "tiny", "prompt": "hello " * 30, "max_tokens": 4,
+                        "temperature": 0, "ignore_eos": True}  # fmt: skip
+                return await client.post(
+                    f"http://127.0.0.1:{gateway.http_port}/v1/completions", json=body
+                )
+        finally:
+            await gateway.stop()
+
+    async def main():
+        p = await start_prefill_server(
+            engine(tiny_llama), PrefillWorkerConfig(cluster_secret=secret), mtls
+        )
+        d = await start_decode_server(
+            engine(tiny_llama),
+            DecodeWorkerConfig(kv_transport="grpc", peer_tls_ca=certs / "ca.pem",
+                               peer_tls_cert=certs / "client.pem",
+                               peer_tls_key=certs / "client.key", cluster_secret=secret),
+            mtls,
+        )  # fmt: skip
+        base = dict(model_path=tiny_llama, prefill_addresses=(p.address,),
+                    decode_addresses=(d.address,), served_model_name="tiny", http_port=0,
+                    grpc_port=None, min_prefill_tokens=8)  # fmt: skip
+        full = dict(worker_tls_ca=certs / "ca.pem", worker_tls_cert=certs / "client.pem",
+                    worker_tls_key=certs / "client.key", cluster_secret=secret)  # fmt: skip
+        try:
+            ok = await complete(GatewayConfig(**base, **full))
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["usage"]["completion_tokens"] == 4
+            assert d.worker.importer.pulls_by_transport == {"grpc": 1}  # prefilled on p
+            lacking = {
+                "no cluster secret": ("cluster_secret",),
+                "no client certificate": ("worker_tls_cert", "worker_tls_key"),
+                "plaintext": ("worker_tls_ca", "worker_tls_cert", "worker_tls_key"),
+            }
+            for missing, drop in lacking.items():
+                partial = {k: v for k, v in full.items() if k not in drop}
+                refused = await complete(GatewayConfig(**base, **partial))
+                assert refused.status_code == 503, (missing, refused.text)
+            assert d.worker.importer.pulls_by_transport == {"grpc": 1}
         finally:
             await d.stop(drain_s=0)
             await p.stop(drain_s=0)

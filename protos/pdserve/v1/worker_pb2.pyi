@@ -22,7 +22,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("engine_id", "epoch", "kv_endpoint", "transfer_id", "block_ids", "num_tokens", "first_token", "first_logprob", "first_token_logprobs", "lease_ms", "compat_hash", "host_id")
+    __slots__ = ("engine_id", "epoch", "kv_endpoint", "transfer_id", "block_ids", "num_tokens", "first_token", "first_logprob", "first_token_logprobs", "lease_ms", "compat_hash", "host_id", "expires_at_ms", "signature")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class KVHandle(_message.Message):
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     epoch: int
     kv_endpoint: str
@@ -47,7 +49,9 @@ class KVHandle(_message.Message):
     lease_ms: int
     compat_hash: str
     host_id: str
-    def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., kv_endpoint: _Optional[str] = ..., transfer_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., first_token_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., lease_ms: _Optional[int] = ..., compat_hash: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+    expires_at_ms: int
+    signature: bytes
+    def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., kv_endpoint: _Optional[str] = ..., transfer_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., first_token_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., lease_ms: _Optional[int] = ..., compat_hash: _Optional[str] = ..., host_id: _Optional[str] = ..., expires_at_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("handle", "usage")
