@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 
 from rpc.server import add_server_args
 
@@ -113,6 +114,10 @@ def run(role: str, args: argparse.Namespace, engine_config) -> int:
     configure_logging(args.log_level)
     config = config_from_args(role, args)
     options = server_options_from_args(args)
+    if role == "prefill" and engine_config.speculative_config is not None:
+        # Speculation runs where tokens are decoded; a prefill worker samples one token per
+        # request, so it neither speculates nor loads a draft model.
+        engine_config = dataclasses.replace(engine_config, speculative_config=None)
     engine = LLMEngine(engine_config)
 
     async def main() -> None:

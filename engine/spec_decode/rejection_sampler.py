@@ -70,7 +70,9 @@ class RejectionSampler:
         draft_probs: list[torch.Tensor | None],  # per request (k_r, V), or None: point masses
     ) -> list[Verified]:
         views = [
-            RowView(r, d[:j]) for r, d in zip(requests, proposals, strict=True) for j in range(len(d) + 1)
+            RowView(r, d[:j])
+            for r, d in zip(requests, proposals, strict=True)
+            for j in range(len(d) + 1)
         ]
         dist = self.sampler.distributions(logits, views)
         raw = dist.raw

@@ -36,8 +36,10 @@ class Speculator:
 
     def describe(self) -> str:
         c = self.config
-        what = f"ngram [{c.prompt_lookup_min}, {c.prompt_lookup_max}]" if self.draft is None else (
-            f"draft model {c.model} ({self.draft.describe()})"
+        what = (
+            f"ngram [{c.prompt_lookup_min}, {c.prompt_lookup_max}]"
+            if self.draft is None
+            else (f"draft model {c.model} ({self.draft.describe()})")
         )
         return f"speculative decoding: {what}, k={c.num_speculative_tokens}, off above batch {c.disable_by_batch_size}"
 

@@ -7,12 +7,11 @@ import argparse
 from collections import Counter
 
 import pytest
+import torch
 
-from engine import cpu
 from engine.cli_args import add_engine_args, engine_config_from_args
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
-from engine.spec_decode import rejection_sampler
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import NgramProposer
 
@@ -38,7 +37,8 @@ def other_draft(tiny_model_factory):
 
 
 def make(model, **kw) -> LLM:
-    return LLM(str(model), kv_cache_memory=1 << 20, block_size=4, enforce_eager=True, **kw)
+    kw = {"kv_cache_memory": 1 << 20, **kw}
+    return LLM(str(model), block_size=4, enforce_eager=True, **kw)
 
 
 def run(llm: LLM, prompts=PROMPTS, params=GREEDY):
@@ -63,7 +63,7 @@ def test_config_is_validated():
         SpeculativeConfig.from_dict({"num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="unknown"):
         SpeculativeConfig.from_dict({"method": "ngram", "speculative_tokens": 2})
-    with pytest.raises(ValueError, match="needs \"model\""):
+    with pytest.raises(ValueError, match='needs "model"'):
         SpeculativeConfig.from_dict({"method": "draft_model"})
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         SpeculativeConfig(prompt_lookup_min=5, prompt_lookup_max=2)
@@ -76,7 +76,9 @@ def test_cli_flag_round_trips_to_the_workers_command_line():
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    args = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    args = parser.parse_args(
+        ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']
+    )
     config = engine_config_from_args(args).speculative_config
     assert config.num_speculative_tokens == 3 and config.prompt_lookup_max == 4
     again = parser.parse_args(engine_flag_argv(args))
@@ -105,7 +107,11 @@ def test_greedy_with_own_draft_accepts_everything(tiny_llama, reference):
     assert st.num_draft_tokens > 0 and st.num_accepted_tokens == st.num_draft_tokens
 
 
-@pytest.mark.skipif(not cpu.load().has_avx512(), reason="the fused CPU forward needs AVX-512")
+# torch's own probe: building the extension just to ask would cost a compile at collection.
+@pytest.mark.skipif(
+    "AVX512" not in torch.backends.cpu.get_cpu_capability(),
+    reason="the fused CPU forward needs AVX-512",
+)
 def test_greedy_with_own_draft_on_the_fused_forward(tiny_llama, reference):
     llm = LLM(str(tiny_llama), kv_cache_memory=1 << 20, block_size=4,
               speculative_config=draft(tiny_llama))  # fmt: skip
@@ -167,6 +173,9 @@ def test_speculation_is_off_above_the_batch_size_threshold(tiny_llama, reference
 
 
 # -- sampling: the same distribution with and without speculation ------------------------------
+# The power of the threshold against a wrong residual is shown where p and q can be chosen far
+# apart (test_rejection_sampler.py); two random tiny models mostly disagree outright, which a
+# wrong residual survives, so here the test checks that nothing else shifts the distribution.
 
 SAMPLES = 300
 SAMPLED = SamplingParams(temperature=1.0, top_k=6, max_tokens=4, ignore_eos=True)
@@ -184,8 +193,10 @@ def _position_counts(llm: LLM) -> list[Counter]:
 def _two_sample_chi2(a: Counter, b: Counter, bins: int = 6) -> float:
     """Chi-square of two equal-size samples over their `bins` most common values (rest pooled)."""
     top = [t for t, _ in (a + b).most_common(bins - 1)]
+
     def binned(c):  # noqa: E306
         return [c[t] for t in top] + [sum(v for t, v in c.items() if t not in top)]
+
     stat = 0.0
     for x, y in zip(binned(a), binned(b), strict=True):
         if x + y:
@@ -210,10 +221,3 @@ def test_seeded_sampling_keeps_the_distribution(tiny_llama, other_draft, plain_c
     spec = _spec_counts(tiny_llama, other_draft)
     stats = [_two_sample_chi2(a, b) for a, b in zip(plain_counts, spec, strict=True)]
     assert max(stats) < CHI2_CRIT_P1E4[5], stats
-
-
-def test_a_wrong_residual_changes_the_distribution(tiny_llama, other_draft, plain_counts, monkeypatch):
-    monkeypatch.setattr(rejection_sampler, "residual", lambda p, q: p)
-    spec = _spec_counts(tiny_llama, other_draft)
-    stats = [_two_sample_chi2(a, b) for a, b in zip(plain_counts, spec, strict=True)]
-    assert max(stats) > CHI2_CRIT_P1E4[5], stats
