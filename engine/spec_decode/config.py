@@ -6,8 +6,10 @@ import json
 from dataclasses import dataclass, fields
 
 METHODS = ("ngram", "draft_model")
-# Measured (docs/benchmarks.md, "Speculative decoding"): with a batch this large the verify
-# pass stops paying for itself on 2 CPU cores, so new steps decode without proposals.
+# Above this many running requests a step decodes without proposals: at larger batches a
+# step is no longer dominated by fixed cost, so verifying k + 1 rows per request costs more than
+# the accepted tokens save. Not yet measured (docs/benchmarks.md, "Speculative decoding" gives
+# the command that places it: `--batch-sizes 1,4,8,32 --also-always-on`).
 DEFAULT_DISABLE_BY_BATCH_SIZE = 4
 
 
