@@ -7,7 +7,6 @@ import argparse
 from collections import Counter
 
 import pytest
-import torch
 
 from engine.cli_args import add_engine_args, engine_config_from_args
 from engine.llm import LLM
@@ -107,15 +106,11 @@ def test_greedy_with_own_draft_accepts_everything(tiny_llama, reference):
     assert st.num_draft_tokens > 0 and st.num_accepted_tokens == st.num_draft_tokens
 
 
-# torch's own probe: building the extension just to ask would cost a compile at collection.
-@pytest.mark.skipif(
-    "AVX512" not in torch.backends.cpu.get_cpu_capability(),
-    reason="the fused CPU forward needs AVX-512",
-)
 def test_greedy_with_own_draft_on_the_fused_forward(tiny_llama, reference):
     llm = LLM(str(tiny_llama), kv_cache_memory=1 << 20, block_size=4,
               speculative_config=draft(tiny_llama))  # fmt: skip
-    assert llm.engine.runner.fused is not None
+    if llm.engine.runner.fused is None:
+        pytest.skip("this CPU runs no compiled forward (needs AVX-512 or AVX2 with FMA)")
     assert tokens(run(llm)) == tokens(reference)
     st = llm.engine.stats().spec_decode
     assert st.num_accepted_tokens == st.num_draft_tokens > 0

@@ -2,7 +2,7 @@
 tokens plain decoding gives: with n-gram proposals, and with the model as its own draft, where
 every proposal must be accepted (the mechanism, not luck, makes the outputs equal).
 
-Runs the compiled CPU forward where the CPU has AVX-512, the eager one elsewhere (the runner
+Runs the compiled CPU forward where the CPU has AVX-512 or AVX2 with FMA, the eager one elsewhere (the runner
 says which in the assertion message)."""
 
 from __future__ import annotations
