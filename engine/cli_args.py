@@ -6,6 +6,7 @@ import argparse
 import re
 
 from engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+from engine.spec_decode.config import SpeculativeConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -54,6 +55,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CPU: run the eager module forward, not the compiled fused one",
     )
+    g.add_argument(
+        "--speculative-config",
+        type=_speculative_config,
+        default=None,
+        help='speculative decoding as JSON (vLLM\'s fields), e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or '
+        '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'; '
+        '"disable_by_batch_size" turns it off for larger batches',
+    )
+
+
+def _speculative_config(text: str) -> SpeculativeConfig:
+    try:
+        return SpeculativeConfig.from_json(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -73,4 +90,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         num_threads=args.num_threads,
         enforce_eager=args.enforce_eager,
+        speculative_config=args.speculative_config,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.spec_decode.config import SpeculativeConfig
+
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -29,8 +31,19 @@ class EngineConfig:
     # CPU: run the eager nn.Module forward instead of the compiled fused one (engine/cpu);
     # the eager path is the reference the fused one is tested against.
     enforce_eager: bool = False
+    # Speculative decoding (vLLM's --speculative-config); a dict is converted. None: off.
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        elif self.speculative_config is not None and not isinstance(
+            self.speculative_config, SpeculativeConfig
+        ):
+            raise ValueError(
+                "speculative_config must be a SpeculativeConfig, a dict or None, got "
+                f"{type(self.speculative_config).__name__}"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

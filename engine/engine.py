@@ -25,7 +25,11 @@ from engine.outputs import PrefillResult, RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from engine.spec_decode.draft_model import DraftModelProposer, DraftRunnerOptions
+from engine.spec_decode.rejection_sampler import RejectionSampler
+from engine.spec_decode.speculator import Speculator
+from engine.spec_decode.stats import SpecDecodeStats
 from engine.stop_checker import StopChecker
 from engine.structured_output import StructuredOutputManager, accept
 
@@ -52,6 +56,7 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # ... of which were served by it
+    spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
 
 
 @dataclass(slots=True)
@@ -112,10 +117,12 @@ class LLMEngine:
             self.tokenizer, self.vocab_size, self.eos_token_ids
         )
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.speculator = self._make_speculator()
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
         log.info(
-            "engine ready: %s (%s, %s params) on %s/%s, %d KV blocks of %d tokens, %s",
+            "engine ready: %s (%s, %s params) on %s/%s, %d KV blocks of %d tokens, %s%s",
             self.model_path,
             self.architecture,
             f"{self.num_params:,}",
@@ -124,6 +131,7 @@ class LLMEngine:
             self.pool.num_blocks,
             config.block_size,
             self.runner.describe(),
+            f"; {self.speculator.describe()}" if self.speculator else "",
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -228,6 +236,8 @@ class LLMEngine:
             # than after the next forward pass: that is a whole decode step of TTFT saved.
             outputs, self._pending = self._pending, []
             return outputs
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.sampler)
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
@@ -249,50 +259,93 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
+            spec_decode=self.speculator.stats.copy() if self.speculator else None,
         )
 
     # -- internals --------------------------------------------------------------------------
 
     def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        sampling = [s for s in sched.scheduled if s.samples]
         for s in sched.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
+            # Proposals count as computed only once verified (below): until then their KV is
+            # not part of the sequence and their blocks are never entered in the prefix cache.
+            s.request.num_computed_tokens += s.num_new_tokens - len(s.spec_token_ids)
             self.kv.cache_full_blocks(s.request)
-        sampling = [
-            s.request
-            for s in sched.scheduled
-            if s.request.num_computed_tokens == s.request.num_tokens
-        ]
         if not sampling:
             return []
-        bitmask = self.structured.fill_bitmask([r.matcher for r in sampling])
-        sampled = self.sampler(logits, sampling, bitmask)
-        for request, token in zip(sampling, sampled.token_ids, strict=True):
+        if not any(s.spec_token_ids for s in sampling):
+            return self._sample(logits, [s.request for s in sampling])
+        return self._postprocess_speculative(sampling, logits)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[RequestOutput]:
+        """One token per request, under its grammar's bitmask where it has one."""
+        bitmask = self.structured.fill_bitmask([r.matcher for r in requests])
+        sampled = self.sampler(logits, requests, bitmask)
+        for request, token in zip(requests, sampled.token_ids, strict=True):
             if not accept(request.matcher, token):  # the bitmask allowed it: a bug if not
                 log.error("grammar refused sampled token %d of %s", token, request.request_id)
-        return self._accept_tokens(sampling, sampled.token_ids, sampled.logprobs)
+        return self._accept_tokens(requests, sampled.token_ids, sampled.logprobs)
+
+    def _postprocess_speculative(
+        self, sampling: list[ScheduledRequest], logits: torch.Tensor
+    ) -> list[RequestOutput]:
+        """Logit rows: each sampling request's last row, plus one per proposal before it."""
+        plain, spec, plain_rows, spec_rows, row = [], [], [], [], 0
+        for s in sampling:
+            n = 1 + len(s.spec_token_ids)
+            (spec if s.spec_token_ids else plain).append(s)
+            (spec_rows if s.spec_token_ids else plain_rows).extend(range(row, row + n))
+            row += n
+        outputs = []
+        if plain:
+            outputs += self._sample(logits[plain_rows], [s.request for s in plain])
+        verified = self.rejection_sampler(
+            logits[spec_rows],
+            [s.request for s in spec],
+            [s.spec_token_ids for s in spec],
+            [s.request.spec_probs for s in spec],
+        )
+        for s, v in zip(spec, verified, strict=True):
+            request = s.request
+            request.spec_token_ids, request.spec_probs = [], None
+            out = self._accept(request, v.token_ids, v.logprobs)
+            self.speculator.stats.observe(
+                len(s.spec_token_ids), v.num_accepted, len(out.new_token_ids)
+            )
+            if request.status == RequestStatus.RUNNING:
+                request.num_computed_tokens = request.num_tokens - 1  # the accepted proposals
+                self.kv.trim(request)  # roll back blocks that only held rejected proposals
+                self.kv.cache_full_blocks(request)
+            outputs.append(out)
+        return outputs
 
     def _accept_tokens(
         self, requests: list[Request], tokens: list[int], logprobs
     ) -> list[RequestOutput]:
-        outputs = []
-        for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
+        return [
+            self._accept(request, [token], [logprob])
+            for request, token, logprob in zip(requests, tokens, logprobs, strict=True)
+        ]
+
+    def _accept(self, request: Request, tokens: list[int], logprobs: list) -> RequestOutput:
+        """Append `tokens` one at a time, stopping at the first that finishes the request."""
+        kept, kept_logprobs = [], []
+        for token, logprob in zip(tokens, logprobs, strict=True):
             request.append_token(token)
+            kept.append(token)
             if logprob is not None:
                 request.output_logprobs.append(logprob)
+                kept_logprobs.append(logprob)
             if request.prefill_only:
-                outputs.append(self._finish_prefill(request, token, logprob))
-                continue
+                return self._finish_prefill(request, token, logprob)
             stop = self.stop_checker.check(request)
             if stop is not None:
                 request.stop_reason = stop.stop_reason
                 self.scheduler.finish(request, stop.finish_reason)
                 del self.requests[request.request_id]
-            outputs.append(
-                self._output(
-                    request, [token], [logprob] if logprob else None, finished=stop is not None
-                )
-            )
-        return outputs
+                break
+        finished = request.status == RequestStatus.FINISHED
+        return self._output(request, kept, kept_logprobs or None, finished=finished)
 
     def _finish_prefill(self, request: Request, token: int, logprob) -> RequestOutput:
         self.scheduler.finish(request, "prefill", keep_blocks=True)
@@ -354,6 +407,25 @@ class LLMEngine:
                 f"prompt has {len(prompt_token_ids)} tokens but max_model_len is {self.max_model_len}: "
                 "no room to generate"
             )
+
+    def _make_speculator(self) -> Speculator | None:
+        spec = self.config.speculative_config
+        if spec is None:
+            return None
+        draft = None
+        if spec.method == "draft_model":
+            opts = DraftRunnerOptions(
+                num_blocks=self.runner.spec.num_blocks,
+                block_size=self.config.block_size,
+                dtype=self.dtype,
+                device=self.device,
+                attention_backend=self.config.attention_backend,
+                enforce_eager=self.config.enforce_eager,
+                max_num_seqs=self.config.max_num_seqs,
+                max_model_len=self.max_model_len,
+            )
+            draft = DraftModelProposer(spec.model, self.vocab_size, opts)
+        return Speculator(spec, self.kv, self.max_model_len, draft)
 
     def _fit_max_model_len(self, wanted: int) -> int:
         capacity = self.runner.spec.num_blocks * self.config.block_size

@@ -7,7 +7,8 @@ rebuilt from every request's Python lists each step.
 Invariants:
 - `rows[request]` is the row mirroring `request.block_ids`; `known[row]` of its ids are copied.
 - Block ids only grow by `extend` while a request holds its blocks; freeing them
-  (KVCacheManager.free) replaces the list object, so a row whose list is not the request's
+  (KVCacheManager.free) or rolling back its tail (KVCacheManager.trim) replaces the list
+  object, so a row whose list is not the request's
   current one is rewritten from scratch.
 - A row is reused only when its request was not scheduled in the current step.
 """
@@ -49,10 +50,13 @@ class InputBatch:
         return self.block_table.shape[0]
 
     def prepare(self, sched: SchedulerOutput) -> StepArrays:
-        requests = [s.request for s in sched.scheduled]
+        """Arrays for `sched.scheduled`: items with `request`, `start`, `num_new_tokens`,
+        `num_logits` and `input_token_ids()` (a ScheduledRequest, or a draft model's step)."""
+        items = sched.scheduled
+        requests = [s.request for s in items]
         rows = np.fromiter((self._sync(r, requests) for r in requests), np.int64, len(requests))
-        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, len(requests))
-        qlens = np.fromiter((s.num_new_tokens for s in sched.scheduled), np.int64, len(requests))
+        starts = np.fromiter((s.start for s in items), np.int64, len(requests))
+        qlens = np.fromiter((s.num_new_tokens for s in items), np.int64, len(requests))
         ctx = starts + qlens
         cu = np.zeros(len(requests) + 1, dtype=np.int64)
         np.cumsum(qlens, out=cu[1:])
@@ -62,13 +66,13 @@ class InputBatch:
         max_blocks = int(-(-ctx.max() // bs))
         tables = self.block_table[rows, :max_blocks]  # (B, max_blocks), a fresh copy
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        if int(qlens.max()) == 1:  # decode-only step: each request's newest token
-            tokens = np.fromiter((r.all_token_ids[-1] for r in requests), np.int64, len(requests))
-        else:
-            tokens = np.empty(cu[-1], dtype=np.int64)
-            for b, r in enumerate(requests):
-                tokens[cu[b] : cu[b + 1]] = r.all_token_ids[starts[b] : ctx[b]]
-        samples = np.fromiter((s.samples for s in sched.scheduled), bool, len(requests))
+        tokens = np.empty(cu[-1], dtype=np.int64)
+        for b, s in enumerate(items):
+            tokens[cu[b] : cu[b + 1]] = s.input_token_ids()
+        # The last num_logits rows of each sequence (0 for a prefill chunk that does not sample).
+        nlog = np.fromiter((s.num_logits for s in items), np.int64, len(requests))
+        first = np.repeat(cu[1:] - nlog, nlog)  # (S,) each sampled row's sequence's first
+        logits_indices = first + np.arange(len(first)) - np.repeat(np.cumsum(nlog) - nlog, nlog)
         return StepArrays(
             input_ids=tokens,
             positions=positions,
@@ -77,7 +81,7 @@ class InputBatch:
             context_lens=ctx.astype(np.int32),
             query_lens=qlens.astype(np.int32),
             cu_seqlens_q=cu.astype(np.int32),
-            logits_indices=(cu[1:] - 1)[samples],
+            logits_indices=logits_indices,
         )
 
     def _sync(self, request, step_requests: list) -> int:

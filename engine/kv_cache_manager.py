@@ -69,6 +69,20 @@ class KVCacheManager:
             request.block_hashes.append(parent)
             self.pool.cache(self.pool.blocks[request.block_ids[i]], parent, tokens)
 
+    def trim(self, request: Request) -> None:
+        """Roll back blocks past the request's tokens (taken for proposals it did not keep).
+
+        They hold no hashed content: only full blocks of computed tokens are ever cached, and
+        these start after the request's last token.
+        """
+        keep = self.blocks_needed(request.num_tokens)
+        extra = request.block_ids[keep:]
+        if extra:
+            self.pool.free([self.pool.blocks[i] for i in reversed(extra)])
+            # A new list, as free() does: input batches then rewrite the row instead of
+            # trusting the ids they copied (a shrink then regrowth would look unchanged).
+            request.block_ids = request.block_ids[:keep]
+
     def free(self, request: Request) -> None:
         self.pool.free([self.pool.blocks[i] for i in reversed(request.block_ids)])
         request.block_ids = []

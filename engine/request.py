@@ -43,6 +43,13 @@ class Request:
     generator: object | None = None  # torch.Generator when params.seed is set
     text: TextStream | None = None  # with stop strings: the detokenized output, matched as it grows
     matcher: object | None = None  # xgrammar GrammarMatcher when params.structured_outputs is set
+    # Speculative decoding: proposals to verify next step (and the draft's distributions for
+    # them, (k, V), or None for point-mass proposals); the draft model's KV covers positions
+    # [0, num_draft_computed) plus `draft_written` proposals after them (checked when reused).
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: object | None = None
+    num_draft_computed: int = 0
+    draft_written: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -66,3 +73,10 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+
+    def reset_speculation(self) -> None:
+        """Forget proposals and the draft's KV (blocks freed: preemption)."""
+        self.spec_token_ids = []
+        self.spec_probs = None
+        self.num_draft_computed = 0
+        self.draft_written = []

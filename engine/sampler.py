@@ -24,6 +24,15 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]
 
 
+@dataclass(slots=True)
+class Distributions:
+    """What the sampler would draw from, row by row (the rejection sampler's p)."""
+
+    raw: torch.Tensor  # (S, V) the model's logits (logprobs are reported from these)
+    logits: torch.Tensor  # (S, V) after penalties and min_tokens masking (greedy takes argmax)
+    probs: torch.Tensor | None  # (S, V) after temperature and top-k/p/min-p; None: all greedy
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: set[int], seed: int) -> None:
         self.vocab_size = vocab_size
@@ -47,6 +56,23 @@ class Sampler:
             apply_bitmask(logits, bitmask)
         tokens = self._draw(logits, requests)
         return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, requests))
+
+    def distributions(self, logits: torch.Tensor, rows: list) -> Distributions:
+        """The distributions `__call__` draws from, without drawing. `rows` are requests or
+        anything with their `params`, token lists and `num_output_tokens`."""
+        logits = logits[:, : self.vocab_size].float().cpu()  # (S, V)
+        raw = logits
+        if any(_edits_logits(r) for r in rows):
+            logits = self._apply_penalties(logits.clone(), rows)
+            self._mask_early_stop(logits, rows)
+        if all(r.params.greedy for r in rows):
+            return Distributions(raw, logits, None)
+        temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows]).unsqueeze(1)
+        return Distributions(raw, logits, _filter(logits / temps, rows).softmax(dim=-1))
+
+    def logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list):
+        """Per row: (logprob of `tokens[i]`, top-N) from the raw logits, or None if not asked."""
+        return self._logprobs(raw, tokens, rows)
 
     def skip_draw(self, generator: torch.Generator) -> None:
         """Consume exactly what one sampled token consumes from a request's generator."""

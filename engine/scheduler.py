@@ -19,11 +19,30 @@ from engine.request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    # Proposed tokens verified this step: the last len(spec_token_ids) of num_new_tokens.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """True when this step finishes the request's pending tokens, so a token is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens + len(self.spec_token_ids)
+
+    # What the input batch reads (a draft model's steps provide the same three).
+    @property
+    def start(self) -> int:
+        return self.request.num_computed_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """Rows whose logits are returned: the last one, plus one per proposal."""
+        return 1 + len(self.spec_token_ids) if self.samples else 0
+
+    def input_token_ids(self) -> list[int]:
+        r = self.request
+        if self.spec_token_ids:
+            return r.all_token_ids[r.num_computed_tokens :] + self.spec_token_ids
+        return r.all_token_ids[r.num_computed_tokens : r.num_computed_tokens + self.num_new_tokens]
 
 
 @dataclass(slots=True)
@@ -59,14 +78,17 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            pending = request.num_tokens - request.num_computed_tokens
+            spec = request.spec_token_ids if pending == 1 else []
+            num_new = min(pending + len(spec), budget)
+            spec = spec[: max(0, num_new - pending)]  # the budget may cut proposals short
             while not self.kv.allocate(request, num_new):
                 victim = self.running.pop()  # newest admission goes first
                 self._preempt(victim, out)
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                out.scheduled.append(ScheduledRequest(request, num_new, spec))
                 budget -= num_new
                 i += 1
         return budget
@@ -94,6 +116,7 @@ class Scheduler:
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.reset_speculation()
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)

@@ -154,6 +154,7 @@ class _WorkerCollector(Collector):
             "Block hashes the gateway's KV-event index holds for the worker.",
             labels=labels,
         )
+        spec = _SpecDecodeFamilies(labels)
         for w in self._pool.workers:
             key = [w.role, w.address]
             healthy.add_metric(key, 1.0 if w.healthy else 0.0)
@@ -170,5 +171,43 @@ class _WorkerCollector(Collector):
             if w.role == "decode":
                 transfer_bytes.add_metric(key, w.load.kv_transfer_bytes_total)
                 transfer_seconds.add_metric(key, w.load.kv_transfer_seconds_total)
+                spec.add(key, w.load)
         yield from (running, waiting, usage, healthy, preemptions, transfer_bytes, transfer_seconds)
         yield from (prefix_queries, prefix_hits, indexed, depth)
+        yield from spec.families()
+
+
+class _SpecDecodeFamilies:
+    """Speculative decoding on decode workers, under vLLM's names (pdserve: prefix)."""
+
+    def __init__(self, labels: list[str]) -> None:
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"pdserve:spec_decode_{name}", doc, labels=labels)
+
+        self.drafts = counter("num_drafts", "Verify steps of one request that carried proposals.")
+        self.draft_tokens = counter("num_draft_tokens", "Tokens proposed.")
+        self.accepted = counter("num_accepted_tokens", "Proposed tokens accepted.")
+        self.emitted = counter("num_emitted_tokens", "Tokens emitted by verify steps.")
+        self.rate = GaugeMetricFamily(
+            "pdserve:spec_decode_draft_acceptance_rate",
+            "Accepted / proposed tokens since the worker started.",
+            labels=labels,
+        )
+        self.length = GaugeMetricFamily(
+            "pdserve:spec_decode_mean_acceptance_length",
+            "Tokens emitted per verify step (1 + accepted / drafts) since the worker started.",
+            labels=labels,
+        )
+
+    def add(self, key: list[str], load) -> None:  # noqa: ANN001
+        self.drafts.add_metric(key, load.spec_decode_num_drafts)
+        self.draft_tokens.add_metric(key, load.spec_decode_num_draft_tokens)
+        self.accepted.add_metric(key, load.spec_decode_num_accepted_tokens)
+        self.emitted.add_metric(key, load.spec_decode_num_emitted_tokens)
+        drafts, proposed = load.spec_decode_num_drafts, load.spec_decode_num_draft_tokens
+        accepted = load.spec_decode_num_accepted_tokens
+        self.rate.add_metric(key, accepted / proposed if proposed else 0.0)
+        self.length.add_metric(key, 1.0 + accepted / drafts if drafts else 0.0)
+
+    def families(self):
+        return (self.drafts, self.draft_tokens, self.accepted, self.emitted, self.rate, self.length)

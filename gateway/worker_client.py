@@ -54,6 +54,10 @@ class LoadSnapshot:
     block_size: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_emitted_tokens: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -270,6 +274,10 @@ def _load_snapshot(report: Any) -> LoadSnapshot:
         block_size=report.block_size,
         prefix_cache_queries=report.prefix_cache_queries,
         prefix_cache_hits=report.prefix_cache_hits,
+        spec_decode_num_drafts=report.spec_decode_num_drafts,
+        spec_decode_num_draft_tokens=report.spec_decode_num_draft_tokens,
+        spec_decode_num_accepted_tokens=report.spec_decode_num_accepted_tokens,
+        spec_decode_num_emitted_tokens=report.spec_decode_num_emitted_tokens,
     )
 
 

@@ -27,6 +27,7 @@ BENCH_COMMANDS: list[tuple[str, str, str]] = [
     ("compare", "pdserve.commands.bench_compare", "same workloads vs a baseline server, ratios"),
     ("routing", "pdserve.bench.routing", "shared-prefix routing: kv-aware vs round-robin"),
     ("sizing", "pdserve.bench.sizing", "prefill:decode workers for a load, from profiles"),
+    ("speculative", "pdserve.commands.bench_speculative", "tok/s with and without speculation"),
 ]
 
 

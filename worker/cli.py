@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 
 from rpc.server import add_server_args
 
@@ -127,6 +128,10 @@ def run(role: str, args: argparse.Namespace, engine_config) -> int:
         raise SystemExit(f"pdserve {role}: error: {exc}") from None
     config = config_from_args(role, args, secret)
     options = server_options_from_args(args, secret)
+    if role == "prefill" and engine_config.speculative_config is not None:
+        # Speculation runs where tokens are decoded; a prefill worker samples one token per
+        # request, so it neither speculates nor loads a draft model.
+        engine_config = dataclasses.replace(engine_config, speculative_config=None)
     engine = LLMEngine(engine_config)
 
     async def main() -> None:

@@ -79,6 +79,19 @@ def load_report(
         block_size=snap.block_size,
         prefix_cache_queries=stats.prefix_cache_queries,
         prefix_cache_hits=stats.prefix_cache_hits,
+        **_spec_decode_fields(stats),
+    )
+
+
+def _spec_decode_fields(stats) -> dict:
+    spec = stats.spec_decode
+    if spec is None:
+        return {}
+    return dict(
+        spec_decode_num_drafts=spec.num_drafts,
+        spec_decode_num_draft_tokens=spec.num_draft_tokens,
+        spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
+        spec_decode_num_emitted_tokens=spec.num_emitted_tokens,
     )
 
 

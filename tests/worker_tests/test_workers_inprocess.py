@@ -371,3 +371,28 @@ def test_drain_refuses_new_work_and_waits_for_leases(tiny_llama):
             await asyncio.wait_for(drain, 2.0)
 
     asyncio.run(main())
+
+
+def test_decode_worker_speculates_with_a_draft_over_imported_kv(tiny_llama, reference):
+    # The prefill worker has no draft; the decode worker imports the target's prompt KV and
+    # builds the draft's itself (its first proposal step prefills the draft locally).
+    spec = {"method": "draft_model", "model": str(tiny_llama), "num_speculative_tokens": 3,
+            "disable_by_batch_size": None}  # fmt: skip
+
+    async def main():
+        async with cluster(tiny_llama, decode_engine_kw={"speculative_config": spec}) as (
+            pstub,
+            dstub,
+            _,
+            d,
+        ):
+            for i, prompt in enumerate(PROMPTS):
+                reply = await prefill(pstub, f"s{i}", prompt)
+                tokens, _ = await decode(dstub, f"s{i}", prompt, reply.handle)
+                assert tokens == reference[i], f"prompt {i}"
+            load = await dstub.GetLoad(common_pb2.GetLoadRequest())
+            assert load.spec_decode_num_draft_tokens > 0
+            assert load.spec_decode_num_accepted_tokens == load.spec_decode_num_draft_tokens
+            assert_clean(await wait_all_free(dstub))
+
+    asyncio.run(main())
