@@ -28,7 +28,6 @@ import argparse
 import json
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.bench.client import COMPLETIONS_ENDPOINT, RequestInput, RequestOutput
 from pdserve.bench.runner import LoadConfig, run_load
+from pdserve.bench.sweep import free_ports
 from pdserve.launcher import probe_http
 
 DEPLOYMENTS: dict[str, tuple[str, ...]] = {
@@ -54,17 +54,6 @@ _WORDS = (
     "worker decode prefill gateway latency memory page lease transfer schedule batch request "
     "question context reply style brief polite expert domain rule format list table summary"
 ).split()
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 # -- the workload ------------------------------------------------------------------------------
@@ -93,7 +82,7 @@ def build_workload(
 
 class Cluster:
     def __init__(self, name: str, serve_args: Sequence[str], out_dir: Path) -> None:
-        http, grpc_port, prefill, decode = _free_ports(4)
+        http, grpc_port, prefill, decode = free_ports(4)
         argv = [sys.executable, "-m", "pdserve.cli", "serve", *serve_args, *DEPLOYMENTS[name],
                 "--port", str(http), "--grpc-port", str(grpc_port), "--prefill-port",
                 str(prefill), "--decode-port", str(decode)]  # fmt: skip

@@ -54,7 +54,7 @@ class SweepRow:
     metrics: dict[str, float | int | None]
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -66,7 +66,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def start_deployment(name: str, serve_args: Sequence[str], out_dir: Path) -> Deployment:
-    http, grpc_port, prefill, decode = _free_ports(4)
+    http, grpc_port, prefill, decode = free_ports(4)
     argv = [sys.executable, "-m", "pdserve.cli", "serve", *serve_args, *DEPLOYMENTS[name],
             "--port", str(http), "--grpc-port", str(grpc_port), "--prefill-port", str(prefill),
             "--decode-port", str(decode)]  # fmt: skip
