@@ -132,17 +132,20 @@ async def send_request(session: aiohttp.ClientSession, req: RequestInput) -> Req
     """Sends one streaming request; never raises for server or network trouble (see `.error`)."""
     out = RequestOutput(prompt_len=req.prompt_len, start_time=time.perf_counter())
     state = _StreamState(out, req.chat)
+    answered = False  # whether a response head arrived: tells a refusal from a cut answer
     try:
         async with session.post(
             req.api_url, json=build_payload(req), headers=headers(req.api_key)
         ) as resp:
+            answered = True
             if resp.status != 200:
                 body = (await resp.text())[:300]
                 out.error = f"HTTP {resp.status}: {body}"
             else:
                 await _read_stream(resp, state)
     except Exception as exc:  # a benchmark records failures and goes on
-        out.error = f"{type(exc).__name__}: {exc}"
+        stage = "during the answer" if answered else "before any answer"
+        out.error = f"{type(exc).__name__} {stage}: {exc}"
     out.latency = time.perf_counter() - out.start_time
     if out.error:
         return out

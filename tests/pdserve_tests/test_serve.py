@@ -188,8 +188,8 @@ def test_sigterm_under_load_ends_every_request_and_process(
     data = json.loads(result.read_text())
     assert data["completed"] + data["failed"] == 400, out[-3000:]
     assert data["completed"] > 0 and data["failed"] > 0  # stopped part-way through
-    # Requests in flight at the signal were drained; later ones found the port closed, or the
-    # socket closing under them while they were still sending (written or reset): connection
-    # errors, never an HTTP error or a stream cut mid-answer.
-    refused = ("Cannot connect", "Can not write request body", "Connection reset by peer")
-    assert all(any(r in e for r in refused) for e in data["errors"]), data["errors"]
+    # Requests in flight at the signal were drained; later ones found the port closed, or a
+    # pooled keep-alive connection closed under them before any answer: connection errors raised
+    # before a response head, never an HTTP error or a stream cut mid-answer.
+    assert data["errors"] and all("before any answer" in e for e in data["errors"]), data["errors"]
+    assert not any(e.startswith("HTTP ") for e in data["errors"]), data["errors"]
