@@ -299,16 +299,20 @@ class LLMEngine:
         outputs = []
         if plain:
             outputs += self._sample(logits[plain_rows], [s.request for s in plain])
+        bitmask = self.structured.fill_verify_bitmask(
+            [(s.request.matcher, s.spec_token_ids) for s in spec]
+        )
         verified = self.rejection_sampler(
             logits[spec_rows],
             [s.request for s in spec],
             [s.spec_token_ids for s in spec],
             [s.request.spec_probs for s in spec],
+            bitmask,
         )
         for s, v in zip(spec, verified, strict=True):
             request = s.request
             request.spec_token_ids, request.spec_probs = [], None
-            out = self._accept(request, v.token_ids, v.logprobs)
+            out = self._accept(request, v.token_ids, v.logprobs, advance_matcher=True)
             self.speculator.stats.observe(
                 len(s.spec_token_ids), v.num_accepted, len(out.new_token_ids)
             )
@@ -327,10 +331,16 @@ class LLMEngine:
             for request, token, logprob in zip(requests, tokens, logprobs, strict=True)
         ]
 
-    def _accept(self, request: Request, tokens: list[int], logprobs: list) -> RequestOutput:
-        """Append `tokens` one at a time, stopping at the first that finishes the request."""
+    def _accept(
+        self, request: Request, tokens: list[int], logprobs: list, advance_matcher: bool = False
+    ) -> RequestOutput:
+        """Append `tokens` one at a time, stopping at the first that finishes the request.
+        `advance_matcher`: feed each token to the request's grammar as it is appended (verified
+        proposals; a plain step's sampled token has advanced it already)."""
         kept, kept_logprobs = [], []
         for token, logprob in zip(tokens, logprobs, strict=True):
+            if advance_matcher and not accept(request.matcher, token):  # masked: a bug if not
+                log.error("grammar refused verified token %d of %s", token, request.request_id)
             request.append_token(token)
             kept.append(token)
             if logprob is not None:

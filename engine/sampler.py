@@ -57,14 +57,22 @@ class Sampler:
         tokens = self._draw(logits, requests)
         return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, requests))
 
-    def distributions(self, logits: torch.Tensor, rows: list) -> Distributions:
+    def distributions(
+        self, logits: torch.Tensor, rows: list, bitmask: torch.Tensor | None = None
+    ) -> Distributions:
         """The distributions `__call__` draws from, without drawing. `rows` are requests or
-        anything with their `params`, token lists and `num_output_tokens`."""
+        anything with their `params`, token lists and `num_output_tokens`; `bitmask` as for
+        `__call__`, one row per logits row."""
         logits = logits[:, : self.vocab_size].float().cpu()  # (S, V)
         raw = logits
-        if any(_edits_logits(r) for r in rows):
-            logits = self._apply_penalties(logits.clone(), rows)
+        edits = any(_edits_logits(r) for r in rows)
+        if edits or bitmask is not None:  # keep `raw` for logprobs
+            logits = logits.clone()
+        if edits:
+            logits = self._apply_penalties(logits, rows)
             self._mask_early_stop(logits, rows)
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)
         if all(r.params.greedy for r in rows):
             return Distributions(raw, logits, None)
         temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows]).unsqueeze(1)

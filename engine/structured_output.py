@@ -10,9 +10,10 @@ The step, in the engine's order:
   4. every accepted token advances the request's matcher (`accept(request, token)`); a matcher
      that has accepted a stop token is terminated and the request stops.
 
-`apply_bitmask` is the one step a speculative verifier calls too: it takes any (rows, vocab)
-logits and the bitmask rows for them (for k draft positions of one request, fill k rows from a
-forked matcher advanced over the draft), so grammar masking is never re-implemented there.
+Speculative decoding: `fill_verify_bitmask` gives a request's k + 1 verify rows their masks (the
+matcher advanced over the proposals, then rolled back), `valid_prefix` cuts point-mass proposals
+at the first token the grammar refuses, and the verifier masks through the same `apply_bitmask`;
+the tokens it emits then advance the matcher one at a time as they are appended.
 
 Disaggregated: the prefill worker's request samples its first token under the grammar; the decode
 worker builds its own matcher from the same spec and replays that first token into it
@@ -68,6 +69,35 @@ class StructuredOutputManager:
         for row, m in enumerate(matchers):
             if m is not None and not m.is_terminated():
                 m.fill_next_token_bitmask(bitmask, row)
+        return bitmask
+
+    def fill_verify_bitmask(
+        self, entries: list[tuple[object | None, list[int]]]
+    ) -> torch.Tensor | None:
+        """Bitmask rows for speculative verification, or None when no entry has a matcher.
+
+        Per entry (matcher, proposals): len(proposals) + 1 rows, row j the mask after the first
+        j proposals. The matcher is advanced over the proposals it accepts and rolled back, so
+        it ends where it started. Rows past a proposal the grammar refuses (or past the end of
+        the grammar) allow everything: verification stops at that proposal, never reading them.
+        """
+        if all(m is None for m, _ in entries):
+            return None
+        bitmask = xgr.allocate_token_bitmask(sum(len(d) + 1 for _, d in entries), self.vocab_size)
+        row = 0
+        for m, drafts in entries:
+            if m is not None:
+                advanced = 0
+                for j in range(len(drafts) + 1):
+                    if m.is_terminated():
+                        break
+                    m.fill_next_token_bitmask(bitmask, row + j)
+                    if j == len(drafts) or not m.accept_token(drafts[j]):
+                        break
+                    advanced += 1
+                if advanced:
+                    m.rollback(advanced)
+            row += len(drafts) + 1
         return bitmask
 
     def _compile(self, spec: StructuredOutputs) -> xgr.CompiledGrammar:
@@ -138,6 +168,18 @@ def _patch_class(cls: str) -> str:
     if cls == _BOUNDED_STRING_CHAR:
         cls = _JSON_STRING_CHAR
     return r"[^\uD800-\uDFFF" + cls[2:] if cls.startswith("[^") else cls
+
+
+def valid_prefix(matcher, tokens: list[int]) -> int:
+    """How many leading `tokens` the grammar allows in a row (the matcher ends where it began)."""
+    n = 0
+    for token in tokens:
+        if matcher.is_terminated() or not matcher.accept_token(token):
+            break
+        n += 1
+    if n:
+        matcher.rollback(n)
+    return n
 
 
 def accept(matcher, token: int) -> bool:

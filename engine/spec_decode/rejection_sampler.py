@@ -8,6 +8,10 @@ rejected one is replaced by a draw from the residual max(0, p_{i-1} - q_i), norm
 are accepted a bonus token is drawn from p_k. Every emitted token is then distributed exactly as
 the plain sampler's. A proposer with no distribution (n-gram lookup) is a point mass: q = one-hot.
 Greedy rows reduce to "accept while the proposal is the argmax, then emit the argmax".
+A structured-output request's rows carry its grammar's bitmask for the position they verify
+(row j: the matcher advanced over the first j proposals), so p is the masked distribution and a
+proposal the grammar forbids has p = 0: it is always rejected, and the residual is drawn under
+the same mask.
 """
 
 from __future__ import annotations
@@ -68,13 +72,14 @@ class RejectionSampler:
         requests: list[Request],
         proposals: list[list[int]],
         draft_probs: list[torch.Tensor | None],  # per request (k_r, V), or None: point masses
+        bitmask: torch.Tensor | None = None,  # (sum(k_r + 1), V / 32) grammar rows, or None
     ) -> list[Verified]:
         views = [
             RowView(r, d[:j])
             for r, d in zip(requests, proposals, strict=True)
             for j in range(len(d) + 1)
         ]
-        dist = self.sampler.distributions(logits, views)
+        dist = self.sampler.distributions(logits, views, bitmask)
         raw = dist.raw
         out, row = [], 0
         for request, drafts, q in zip(requests, proposals, draft_probs, strict=True):

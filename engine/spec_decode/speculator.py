@@ -1,9 +1,12 @@
 """Which requests speculate this step, how far, and what the proposers say.
 
 A request proposes only while it decodes (its one pending token is its newest), never as a
-prefill-only request and never with a structured-output grammar (its mask would have to be
-advanced through every proposal; those requests decode one token a step). Proposals stop short
-of max_tokens and max_model_len. Above `disable_by_batch_size` running requests nobody speculates.
+prefill-only request. Proposals stop short of max_tokens and max_model_len. Under a
+structured-output grammar, n-gram proposals (point masses) are cut at the first token the grammar
+refuses, which verification would reject for certain; a draft model's sampled proposals are kept
+whole, since cutting them would change what the residual draws from (the verifier masks every
+row, so a refused proposal is rejected exactly). Above `disable_by_batch_size` running requests
+nobody speculates.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.draft_model import DraftModelProposer
 from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.stats import SpecDecodeStats
+from engine.structured_output import valid_prefix
 
 
 class Speculator:
@@ -56,7 +60,10 @@ class Speculator:
         chosen = [(r, k) for r, k in chosen if k > 0]
         if self.draft is None:
             for r, k in chosen:
-                r.spec_token_ids = self.ngram.propose(r.all_token_ids, k)
+                proposal = self.ngram.propose(r.all_token_ids, k)
+                if proposal and r.matcher is not None:
+                    proposal = proposal[: valid_prefix(r.matcher, proposal)]
+                r.spec_token_ids = proposal
             return
         # The draft writes KV for its own proposals: blocks for them first (none: no proposal).
         chosen = [(r, k) for r, k in chosen if self.kv.allocate(r, 1 + k)]
@@ -70,7 +77,6 @@ class Speculator:
             r.prefill_only
             or r.status != RequestStatus.RUNNING
             or r.num_computed_tokens != r.num_tokens - 1
-            or getattr(r.params, "structured_outputs", None) is not None
         ):
             return 0
         k = min(self.config.num_speculative_tokens, self.max_model_len - r.num_tokens)

@@ -58,3 +58,32 @@ def test_greedy_speculation_matches_plain_decoding(setup, spec):
     assert st.num_accepted_tokens > 0, where  # the copy task gives n-gram hits too
     if spec["method"] == "draft_model":
         assert st.num_accepted_tokens == st.num_draft_tokens, where
+
+
+def test_greedy_speculation_under_a_json_schema_matches_plain_decoding(setup):
+    """n-gram proposals cut at the first token the grammar refuses, verified under its masks:
+    the same JSON as plain decoding, and proposals were accepted (the answer quotes the prompt)."""
+    import json
+
+    from engine.sampling_params import StructuredOutputsParams
+
+    model, _, _ = setup
+    schema = {"type": "object", "properties": {"sentence": {"type": "string"}},
+              "required": ["sentence"]}  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=64,
+                            structured_outputs=StructuredOutputsParams(json=schema))  # fmt: skip
+    plain = LLM(model, kv_cache_memory=64 << 20)
+    prompt = plain.tokenizer.apply_chat_template(
+        [{"role": "user", "content": f'Answer in JSON with the key "sentence": {TEXT}'}],
+        add_generation_prompt=True, tokenize=True, return_dict=False,
+    )  # fmt: skip
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    spec = LLM(model, kv_cache_memory=64 << 20,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4})  # fmt: skip
+    outs = [llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+            for llm in (plain, spec)]  # fmt: skip
+    assert outs[1].token_ids == outs[0].token_ids
+    spec.engine.pool.check_integrity()
+    assert spec.engine.stats().spec_decode.num_accepted_tokens > 0
+    assert outs[0].finish_reason == "stop", outs[0].text
+    assert "sentence" in json.loads(outs[0].text)
