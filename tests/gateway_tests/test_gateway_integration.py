@@ -142,6 +142,13 @@ def offline(tiny_llama):
     return {o.prompt: o.outputs[0] for o in outs}
 
 
+def _metric(url: str, series: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def remote_prefills(url: str) -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith('pdserve:disaggregated_requests_total{prefill="remote"}'):
@@ -280,6 +287,13 @@ def test_one_both_worker_behind_the_gateway(tiny_llama, offline, tmp_path):
             )
             assert out.choices[0].text == offline[prompt].text, prompt
         assert remote_prefills(g.http) == before + 1
+        # The in-pool copy of the long prompt's blocks is reported like a pull, under the
+        # worker's decode entry.
+        series = f'pdserve:kv_transfer_bytes_total{{role="decode",worker="{b.address}"}}'
+        deadline = time.monotonic() + 15
+        while _metric(g.http, series) <= 0:
+            assert time.monotonic() < deadline, httpx.get(f"{g.http}/metrics").text[-3000:]
+            time.sleep(0.3)
         with worker_channel(b.address) as channel:
             for stub in (
                 worker_pb2_grpc.PrefillServiceStub(channel),
