@@ -8,9 +8,10 @@ from dataclasses import dataclass, fields
 METHODS = ("ngram", "draft_model")
 # Above this many running requests a step decodes without proposals: at larger batches a
 # step is no longer dominated by fixed cost, so verifying k + 1 rows per request costs more than
-# the accepted tokens save. One run (docs/benchmarks.md, "Speculative decoding") measured 0.96x at
-# batch 4 and 0.77x always-on at 32: 4 is kept until more runs place it (`--batch-sizes 1,4,8,32
-# --also-always-on`).
+# the accepted tokens save. Two runs of `pdserve bench speculative --also-always-on`
+# (docs/benchmarks.md, "Speculative decoding"): always-on gains up to batch 8 to 12 on a
+# half-copying workload and loses from 16 up (0.86x to 0.92x at 32); 4 is the conservative end,
+# since free text (acceptance 0.25) gains less than that workload.
 DEFAULT_DISABLE_BY_BATCH_SIZE = 4
 
 
