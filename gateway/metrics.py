@@ -188,6 +188,11 @@ class _SpecDecodeFamilies:
         self.draft_tokens = counter("num_draft_tokens", "Tokens proposed.")
         self.accepted = counter("num_accepted_tokens", "Proposed tokens accepted.")
         self.emitted = counter("num_emitted_tokens", "Tokens emitted by verify steps.")
+        self.per_pos = CounterMetricFamily(
+            "pdserve:spec_decode_num_accepted_tokens_per_pos",
+            "Verify steps that accepted the proposal at this position (0: the first).",
+            labels=[*labels, "position"],
+        )
         self.rate = GaugeMetricFamily(
             "pdserve:spec_decode_draft_acceptance_rate",
             "Accepted / proposed tokens since the worker started.",
@@ -204,10 +209,15 @@ class _SpecDecodeFamilies:
         self.draft_tokens.add_metric(key, load.spec_decode_num_draft_tokens)
         self.accepted.add_metric(key, load.spec_decode_num_accepted_tokens)
         self.emitted.add_metric(key, load.spec_decode_num_emitted_tokens)
+        for pos, count in enumerate(load.spec_decode_num_accepted_tokens_per_pos):
+            self.per_pos.add_metric([*key, str(pos)], count)
         drafts, proposed = load.spec_decode_num_drafts, load.spec_decode_num_draft_tokens
         accepted = load.spec_decode_num_accepted_tokens
         self.rate.add_metric(key, accepted / proposed if proposed else 0.0)
         self.length.add_metric(key, 1.0 + accepted / drafts if drafts else 0.0)
 
     def families(self):
-        return (self.drafts, self.draft_tokens, self.accepted, self.emitted, self.rate, self.length)
+        return (
+            self.drafts, self.draft_tokens, self.accepted, self.emitted, self.per_pos, self.rate,
+            self.length,
+        )  # fmt: skip

@@ -58,6 +58,7 @@ class LoadSnapshot:
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
     spec_decode_num_emitted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -278,6 +279,9 @@ def _load_snapshot(report: Any) -> LoadSnapshot:
         spec_decode_num_draft_tokens=report.spec_decode_num_draft_tokens,
         spec_decode_num_accepted_tokens=report.spec_decode_num_accepted_tokens,
         spec_decode_num_emitted_tokens=report.spec_decode_num_emitted_tokens,
+        spec_decode_num_accepted_tokens_per_pos=tuple(
+            report.spec_decode_num_accepted_tokens_per_pos
+        ),
     )
 
 

@@ -92,6 +92,7 @@ def _spec_decode_fields(stats) -> dict:
         spec_decode_num_draft_tokens=spec.num_draft_tokens,
         spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
         spec_decode_num_emitted_tokens=spec.num_emitted_tokens,
+        spec_decode_num_accepted_tokens_per_pos=list(spec.accepted_per_pos),
     )
 
 

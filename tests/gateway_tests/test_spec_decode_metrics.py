@@ -18,6 +18,7 @@ def test_spec_decode_counters_and_rates_are_exported():
         spec_decode_num_draft_tokens=40,
         spec_decode_num_accepted_tokens=30,
         spec_decode_num_emitted_tokens=38,
+        spec_decode_num_accepted_tokens_per_pos=[9, 8, 7, 6],
     )
     load = _load_snapshot(report)
     assert isinstance(load, LoadSnapshot)
@@ -39,3 +40,7 @@ def test_spec_decode_counters_and_rates_are_exported():
     assert value("pdserve:spec_decode_draft_acceptance_rate") == 0.75
     assert value("pdserve:spec_decode_mean_acceptance_length") == 4.0
     assert families["pdserve:spec_decode_num_drafts"].samples[0].labels["role"] == "decode"
+    per_pos = families["pdserve:spec_decode_num_accepted_tokens_per_pos"].samples
+    assert [(s.labels["position"], s.value) for s in per_pos] == [
+        ("0", 9), ("1", 8), ("2", 7), ("3", 6)
+    ]  # fmt: skip

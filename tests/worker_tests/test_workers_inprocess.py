@@ -393,6 +393,9 @@ def test_decode_worker_speculates_with_a_draft_over_imported_kv(tiny_llama, refe
             load = await dstub.GetLoad(common_pb2.GetLoadRequest())
             assert load.spec_decode_num_draft_tokens > 0
             assert load.spec_decode_num_accepted_tokens == load.spec_decode_num_draft_tokens
+            assert sum(load.spec_decode_num_accepted_tokens_per_pos) == (
+                load.spec_decode_num_accepted_tokens
+            )
             assert_clean(await wait_all_free(dstub))
 
     asyncio.run(main())
