@@ -193,3 +193,39 @@ def test_sigterm_under_load_ends_every_request_and_process(
     # before a response head, never an HTTP error or a stream cut mid-answer.
     assert data["errors"] and all("before any answer" in e for e in data["errors"]), data["errors"]
     assert not any(e.startswith("HTTP ") for e in data["errors"]), data["errors"]
+
+
+def test_serve_passes_speculative_config_to_the_decode_worker(
+    tiny_llama: Path, cluster_factory
+) -> None:
+    """`--speculative-config` on `pdserve serve`: the decode worker speculates (the model as its
+    own draft, so every proposal is accepted), the greedy text equals plain offline decoding and
+    the gateway's /metrics shows the counters."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    spec = {"method": "draft_model", "model": str(tiny_llama), "num_speculative_tokens": 3}
+    cluster = cluster_factory(tiny_llama, "--speculative-config", json.dumps(spec))
+    cluster.wait_ready()
+    prompt = [5, 17, 42, 99, 3, 250, 77, 12, 5, 17, 42, 99]
+    body = {"model": tiny_llama.name, "prompt": prompt, "max_tokens": 16, "temperature": 0.0,
+            "ignore_eos": True}  # fmt: skip
+    resp = httpx.post(f"{cluster.base_url}/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    offline = LLM(str(tiny_llama), kv_cache_memory=16 << 20, max_model_len=256)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    expected = offline.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    assert resp.json()["choices"][0]["text"] == expected[0].outputs[0].text
+
+    def counter(name: str) -> float:
+        for line in httpx.get(f"{cluster.base_url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(f"pdserve:spec_decode_{name}_total{{"):
+                return float(line.split()[-1])
+        return 0.0
+
+    deadline = time.monotonic() + 20
+    while counter("num_draft_tokens") == 0:  # load reports arrive every few hundred ms
+        assert time.monotonic() < deadline, "no speculation reached /metrics"
+        time.sleep(0.3)
+    assert counter("num_accepted_tokens") == counter("num_draft_tokens")
+    cluster.stop_and_check_no_survivors()
