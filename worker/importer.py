@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -38,6 +41,64 @@ class ImportCall:
     deadline: float | None = None  # time.monotonic() seconds
 
 
+class PeerClients:
+    """One KV client (a channel) per prefill endpoint, at most `capacity` of them open.
+
+    Endpoints come and go (a restarted pod has a new address), so the least recently used
+    client is retired when a new one would exceed the cap; a retired client is closed once the
+    pulls running on it have finished, never under them.
+    """
+
+    def __init__(self, make: Callable[[str], KVTransferClient], capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._make = make
+        self._capacity = capacity
+        self._open: OrderedDict[str, KVTransferClient] = OrderedDict()
+        self._users: Counter[int] = Counter()  # id(client) -> pulls/releases running on it
+        self._retired: dict[int, KVTransferClient] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @asynccontextmanager
+    async def use(self, endpoint: str):
+        client = self._open.get(endpoint)
+        if client is not None:
+            self._open.move_to_end(endpoint)
+        else:
+            client = self._open[endpoint] = self._make(endpoint)
+            while len(self._open) > self._capacity:
+                _, old = self._open.popitem(last=False)
+                self._retired[id(old)] = old
+                self._close_if_idle(old)
+        self._users[id(client)] += 1
+        try:
+            yield client
+        finally:
+            self._users[id(client)] -= 1
+            self._close_if_idle(client)
+
+    def _close_if_idle(self, client: KVTransferClient) -> None:
+        if id(client) in self._retired and self._users[id(client)] <= 0:
+            del self._retired[id(client)], self._users[id(client)]
+            task = asyncio.get_running_loop().create_task(client.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        for client in [*self._open.values(), *self._retired.values()]:
+            await client.close()
+        self._open.clear()
+        self._retired.clear()
+        if self._closing:
+            await asyncio.wait(self._closing, timeout=5)
+
+
+MAX_PEER_CLIENTS = 64  # prefill endpoints a decode worker keeps a channel open to
+
+
 class KVImporter:
     def __init__(
         self,
@@ -60,7 +121,7 @@ class KVImporter:
         self._max_chunk_bytes = max_chunk_bytes
         self._interceptors = cluster_token_interceptors(cluster_secret)
         self._handle_key = cluster_secret.derive(HANDLE_KEY_PURPOSE) if cluster_secret else None
-        self._clients: dict[str, KVTransferClient] = {}
+        self._clients = PeerClients(self._new_client, MAX_PEER_CLIENTS)
         self._background: set[asyncio.Task] = set()
         self.bytes_pulled = 0
         self.seconds_pulling = 0.0
@@ -113,8 +174,7 @@ class KVImporter:
     async def close(self) -> None:
         if self._background:
             await asyncio.wait(self._background, timeout=5)
-        for client in self._clients.values():
-            await client.close()
+        await self._clients.close()
 
     def _check_handle(self, call: ImportCall) -> None:
         """Before anything is reserved or dialed: signed by a trusted prefill worker, unexpired,
@@ -138,15 +198,17 @@ class KVImporter:
         handle = call.handle
         if self._is_local(handle):
             return await self._copy_local(handle, src, dst)
-        client = self._client(handle.kv_endpoint)
-        keepalive = asyncio.create_task(self._keep_lease(client, handle))
-        try:
-            timeout = (
-                None if call.deadline is None else max(0.001, call.deadline - time.monotonic())
-            )
-            result = await client.pull(handle.transfer_id, handle.epoch, src, dst, timeout=timeout)
-        finally:
-            keepalive.cancel()
+        async with self._clients.use(handle.kv_endpoint) as client:
+            keepalive = asyncio.create_task(self._keep_lease(client, handle))
+            try:
+                timeout = (
+                    None if call.deadline is None else max(0.001, call.deadline - time.monotonic())
+                )
+                result = await client.pull(
+                    handle.transfer_id, handle.epoch, src, dst, timeout=timeout
+                )
+            finally:
+                keepalive.cancel()
         self.bytes_pulled += result.num_bytes
         self.seconds_pulling += result.seconds
         n = self.pulls_by_transport.get(result.transport, 0)
@@ -202,22 +264,19 @@ class KVImporter:
             log.info("kv lease released transfer_id=%s released=%s", handle.transfer_id, released)
             return
         try:
-            released = await self._client(handle.kv_endpoint).release(handle.transfer_id)
+            async with self._clients.use(handle.kv_endpoint) as client:
+                released = await client.release(handle.transfer_id)
             log.info("kv lease released transfer_id=%s released=%s", handle.transfer_id, released)
         except Exception as exc:
             log.warning("kv release failed transfer_id=%s: %s", handle.transfer_id, exc)
 
-    def _client(self, endpoint: str) -> KVTransferClient:
-        client = self._clients.get(endpoint)
-        if client is None:
-            client = KVTransferClient(
-                endpoint,
-                self._paged,
-                local_host_id=self._host_id,
-                transport=self._transport,
-                credentials=self._credentials,
-                max_chunk_bytes=self._max_chunk_bytes,
-                interceptors=self._interceptors,
-            )
-            self._clients[endpoint] = client
-        return client
+    def _new_client(self, endpoint: str) -> KVTransferClient:
+        return KVTransferClient(
+            endpoint,
+            self._paged,
+            local_host_id=self._host_id,
+            transport=self._transport,
+            credentials=self._credentials,
+            max_chunk_bytes=self._max_chunk_bytes,
+            interceptors=self._interceptors,
+        )
