@@ -4,7 +4,7 @@ VENV_STAMP := .venv/.installed
 # On a CUDA machine keep the torch that is there; on CPU pin the CPU wheel.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: venv serve test lint protos bench clean
+.PHONY: venv serve test test-compose lint protos bench clean
 
 venv: $(VENV_STAMP)
 
@@ -21,6 +21,10 @@ serve: venv
 
 test: venv
 	bash scripts/run_tests.sh
+
+# compose.yaml for real (Docker, docker-compose, debootstrap; ~15 min the first time).
+test-compose: venv
+	bash scripts/run_tests.sh -m compose tests/compose --timeout 3600
 
 lint: venv
 	.venv/bin/ruff check .
