@@ -181,7 +181,7 @@ def test_decode_refuses_unsigned_altered_or_foreign_handles_without_dialing(tiny
                     assert "HandleSignatureError" in info.value.details(), name
                 await asyncio.sleep(0.2)
                 assert dialed == []  # never connected to the endpoint in a bad handle
-                assert list(d.worker.importer._clients) == []  # nor to the genuine one
+                assert len(d.worker.importer._clients) == 0  # nor to the genuine one
                 state = await stub.GetDebugState(common_pb2.GetDebugStateRequest(), metadata=GOOD)
                 assert state.num_free_blocks == state.num_blocks and state.num_pending_imports == 0
                 await worker_pb2_grpc.PrefillServiceStub(pc).Release(
