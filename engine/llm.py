@@ -130,9 +130,19 @@ class LLM:
         if out.finished:
             comp.finish_reason = out.finish_reason
             comp.stop_reason = out.stop_reason
-            comp.text = self._final_text(comp.token_ids, params, out.stop_reason)
+            comp.text = self._final_text(
+                comp.token_ids, params, out.finish_reason, out.stop_reason
+            )
 
-    def _final_text(self, token_ids: list[int], params: SamplingParams, stop_reason) -> str:
+    def _final_text(
+        self, token_ids: list[int], params: SamplingParams, finish_reason, stop_reason
+    ) -> str:
+        if (
+            finish_reason == "stop"
+            and not isinstance(stop_reason, str)
+            and not params.include_stop_str_in_output
+        ):
+            token_ids = token_ids[:-1]  # the stop token (EOS or stop_token_ids): no text
         text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
         if isinstance(stop_reason, str):
             cut = text.find(stop_reason)

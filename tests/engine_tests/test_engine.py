@@ -172,6 +172,15 @@ def test_stop_token_ids_logprobs_and_n(llm, reference):
     first = reference[0].index(stop_at)
     assert comp.token_ids == reference[0][: first + 1]
     assert comp.finish_reason == "stop" and comp.stop_reason == stop_at
+    # the stop token's text is not in the output (vLLM), unless include_stop_str_in_output
+    assert comp.text == llm.tokenizer.decode(comp.token_ids[:-1])
+    (kept,) = llm.generate(
+        {"prompt_token_ids": PROMPTS[0]},
+        params.clone(include_stop_str_in_output=True),
+        use_tqdm=False,
+    )
+    assert kept.outputs[0].text == llm.tokenizer.decode(comp.token_ids)
+    assert kept.outputs[0].text != comp.text
     assert len(comp.logprobs) == len(comp.token_ids)
     assert all(
         len(lp) in (2, 3) and tok in lp
