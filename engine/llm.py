@@ -44,6 +44,10 @@ class LLM:
         self._run(children, len(children), use_tqdm)
         return results
 
+    def get_tokenizer(self):
+        """The tokenizer the engine encodes and decodes with (as vLLM's `LLM.get_tokenizer`)."""
+        return self.tokenizer
+
     def reset_prefix_cache(self) -> None:
         """Drop the prefix cache, e.g. between benchmark runs over the same prompts."""
         self.engine.reset_prefix_cache()
@@ -122,6 +126,7 @@ class LLM:
         self, out: RequestOutput, result: LLMOutput, index: int, params: SamplingParams
     ) -> None:
         comp = result.outputs[index]
+        result.num_cached_tokens = max(result.num_cached_tokens, out.num_cached_tokens)
         comp.token_ids.extend(out.new_token_ids)
         if comp.logprobs is not None and out.new_logprobs:
             for (chosen, top), tok in zip(out.new_logprobs, out.new_token_ids, strict=True):

@@ -289,3 +289,16 @@ def test_reset_prefix_cache_forgets_hits(llm):
     llm.reset_prefix_cache()
     assert request_hits(probe) == []
     engine.pool.check_integrity()
+
+
+def test_num_cached_tokens_and_get_tokenizer(llm):
+    """vLLM's offline API: `LLM.get_tokenizer()`, and `num_cached_tokens` on each output (prompt
+    tokens the prefix cache served: none the first time, whole blocks the second)."""
+    assert llm.get_tokenizer() is llm.tokenizer
+    llm.reset_prefix_cache()
+    prompt = {"prompt_token_ids": PROMPTS[2]}
+    first, = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    again, = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert first.num_cached_tokens == 0
+    block = llm.engine.config.block_size
+    assert again.num_cached_tokens == (len(PROMPTS[2]) - 1) // block * block > 0
