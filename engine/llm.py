@@ -44,6 +44,10 @@ class LLM:
         self._run(children, len(children), use_tqdm)
         return results
 
+    def get_tokenizer(self):
+        """The tokenizer the engine encodes and decodes with (as vLLM's `LLM.get_tokenizer`)."""
+        return self.tokenizer
+
     def reset_prefix_cache(self) -> None:
         """Drop the prefix cache, e.g. between benchmark runs over the same prompts."""
         self.engine.reset_prefix_cache()
@@ -122,6 +126,7 @@ class LLM:
         self, out: RequestOutput, result: LLMOutput, index: int, params: SamplingParams
     ) -> None:
         comp = result.outputs[index]
+        result.num_cached_tokens = max(result.num_cached_tokens, out.num_cached_tokens)
         comp.token_ids.extend(out.new_token_ids)
         if comp.logprobs is not None and out.new_logprobs:
             for (chosen, top), tok in zip(out.new_logprobs, out.new_token_ids, strict=True):
@@ -130,9 +135,19 @@ class LLM:
         if out.finished:
             comp.finish_reason = out.finish_reason
             comp.stop_reason = out.stop_reason
-            comp.text = self._final_text(comp.token_ids, params, out.stop_reason)
+            comp.text = self._final_text(
+                comp.token_ids, params, out.finish_reason, out.stop_reason
+            )
 
-    def _final_text(self, token_ids: list[int], params: SamplingParams, stop_reason) -> str:
+    def _final_text(
+        self, token_ids: list[int], params: SamplingParams, finish_reason, stop_reason
+    ) -> str:
+        if (
+            finish_reason == "stop"
+            and not isinstance(stop_reason, str)
+            and not params.include_stop_str_in_output
+        ):
+            token_ids = token_ids[:-1]  # the stop token (EOS or stop_token_ids): no text
         text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
         if isinstance(stop_reason, str):
             cut = text.find(stop_reason)

@@ -53,3 +53,4 @@ class LLMOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (the most of its choices)

@@ -26,15 +26,17 @@ class StopChecker:
         n_out = request.num_output_tokens
         if request.matcher is not None and request.matcher.is_terminated():
             return Stop("stop", None if token in self.eos_token_ids else token)
-        if p.stop:
-            hit = self._stop_string(request, token)
-            if hit is not None:
-                return Stop("stop", hit)
+        # A stop token ends the request before its text reaches the stop strings (as vLLM:
+        # the token's text is not part of the output unless include_stop_str_in_output).
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 return Stop("stop", token)
             if not p.ignore_eos and token in self.eos_token_ids:
                 return Stop("stop", None)
+        if p.stop:
+            hit = self._stop_string(request, token)
+            if hit is not None:
+                return Stop("stop", hit)
         if p.max_tokens is not None and n_out >= p.max_tokens:
             return Stop("length")
         if request.num_tokens >= self.max_model_len:

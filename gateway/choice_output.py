@@ -28,6 +28,7 @@ class ChoiceOutput:
             min_tokens=params.min_tokens,
         )
         self._stop_token_ids = frozenset(params.stop_token_ids)
+        self._include_stop = params.include_stop_str_in_output
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
 
@@ -44,7 +45,15 @@ class ChoiceOutput:
         """A worker chunk: new tokens and, on the last chunk, the worker's finish reason."""
         if self.finished:
             return ChoiceDelta(self.index, [], "")
+        # A worker's "stop" ends on a stop token (EOS or stop_token_ids; stop strings are matched
+        # here): its text is dropped unless include_stop_str_in_output (vLLM's detokenizer).
+        stop_token = None
+        if finish_reason == "stop" and token_ids and not self._include_stop:
+            token_ids, stop_token = token_ids[:-1], token_ids[-1]
         taken, text = self._take_tokens(token_ids)
+        if stop_token is not None and self._text.matched is None:
+            taken.append(stop_token)
+            self.token_ids.append(stop_token)
         delta = ChoiceDelta(self.index, taken, text)
         if logprobs is not None:
             delta.logprobs = list(logprobs[: len(taken)])

@@ -172,6 +172,15 @@ def test_stop_token_ids_logprobs_and_n(llm, reference):
     first = reference[0].index(stop_at)
     assert comp.token_ids == reference[0][: first + 1]
     assert comp.finish_reason == "stop" and comp.stop_reason == stop_at
+    # the stop token's text is not in the output (vLLM), unless include_stop_str_in_output
+    assert comp.text == llm.tokenizer.decode(comp.token_ids[:-1])
+    (kept,) = llm.generate(
+        {"prompt_token_ids": PROMPTS[0]},
+        params.clone(include_stop_str_in_output=True),
+        use_tqdm=False,
+    )
+    assert kept.outputs[0].text == llm.tokenizer.decode(comp.token_ids)
+    assert kept.outputs[0].text != comp.text
     assert len(comp.logprobs) == len(comp.token_ids)
     assert all(
         len(lp) in (2, 3) and tok in lp
@@ -280,3 +289,16 @@ def test_reset_prefix_cache_forgets_hits(llm):
     llm.reset_prefix_cache()
     assert request_hits(probe) == []
     engine.pool.check_integrity()
+
+
+def test_num_cached_tokens_and_get_tokenizer(llm):
+    """vLLM's offline API: `LLM.get_tokenizer()`, and `num_cached_tokens` on each output (prompt
+    tokens the prefix cache served: none the first time, whole blocks the second)."""
+    assert llm.get_tokenizer() is llm.tokenizer
+    llm.reset_prefix_cache()
+    prompt = {"prompt_token_ids": PROMPTS[2]}
+    first, = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    again, = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert first.num_cached_tokens == 0
+    block = llm.engine.config.block_size
+    assert again.num_cached_tokens == (len(PROMPTS[2]) - 1) // block * block > 0

@@ -305,3 +305,32 @@ def test_one_both_worker_behind_the_gateway(tiny_llama, offline, tmp_path):
         codes = [g.terminate()] if g is not None else []
         codes.append(b.terminate())
         assert codes == [0] * len(codes), (codes, b.log_tail())
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_tokens_text_is_dropped_as_offline(cluster, tiny_llama, include):
+    """The token a request stops on (stop_token_ids) is not in the text unless
+    include_stop_str_in_output, through the gateway (disaggregated and local prefill, streaming
+    or not) as offline; its id is still counted. The first stop is the prefill worker's token."""
+    _, _, g = cluster
+    llm = LLM(model=str(tiny_llama), kv_cache_memory=1 << 20, device="cpu")
+    client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused")
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    for prompt in (LONG_PROMPT, SHORT_PROMPT):
+        ref = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+        for stop in (ref[0], ref[3]):
+            params = greedy.clone(stop_token_ids=[stop], include_stop_str_in_output=include)
+            want = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+            assert want.token_ids == ref[: ref.index(stop) + 1]
+            assert want.text == llm.tokenizer.decode(want.token_ids[: None if include else -1])
+            extra = {"ignore_eos": True, "stop_token_ids": [stop],
+                     "include_stop_str_in_output": include}
+            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS,
+                                            temperature=0.0, extra_body=extra)
+            assert out.choices[0].text == want.text, (prompt, stop)
+            assert out.usage.completion_tokens == len(want.token_ids)
+            assert (out.choices[0].finish_reason, out.choices[0].stop_reason) == ("stop", stop)
+            chunks = list(client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                stream=True, extra_body=extra))
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text

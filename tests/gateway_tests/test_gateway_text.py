@@ -100,6 +100,27 @@ def test_choice_output_reports_a_stop_token_id(tok):
     assert (delta.text, delta.finish_reason, delta.stop_reason) == ("Hi", "stop", eos)
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_tokens_text_is_dropped_unless_included(tok, include):
+    """vLLM's detokenizer: the token a worker stopped on (EOS or stop_token_ids) adds no text
+    unless include_stop_str_in_output; its id stays in token_ids."""
+    stop = tok.encode(" world")[-1]
+    params = GenerationParams(
+        stop_token_ids=(stop,), include_stop_str_in_output=include, skip_special_tokens=False
+    )
+    out = ChoiceOutput(0, tok, [], params)
+    first = out.on_chunk(tok.encode("Hello"), None, None)
+    last = out.on_chunk([stop], None, "stop")
+    assert first.text + last.text == ("Hello" + tok.decode([stop], False) if include else "Hello")
+    assert (last.token_ids, last.stop_reason, out.token_ids[-1]) == ([stop], stop, stop)
+    eos = tok.eos_token_ids[0]
+    out = ChoiceOutput(0, tok, [], GenerationParams(include_stop_str_in_output=include,
+                                                    skip_special_tokens=False))
+    delta = out.on_chunk(tok.encode("Hi") + [eos], None, "stop")
+    assert delta.text == ("Hi" + tok.decode([eos], False) if include else "Hi")
+    assert delta.token_ids[-1] == eos and delta.stop_reason is None
+
+
 def test_context_length_checks_name_the_lengths():
     assert resolve_max_tokens(10, None, 64) == 54
     assert resolve_max_tokens(10, 54, 64) == 54
