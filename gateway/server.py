@@ -39,7 +39,9 @@ class GatewayServer:
 
     def __init__(self, config: GatewayConfig, log_level: str = "info") -> None:
         self.config = config
-        tokenizer = GatewayTokenizer(config.model_path, config.chat_template)
+        tokenizer = GatewayTokenizer(
+            config.tokenizer_folder, config.chat_template, model_folder=config.model_path
+        )
         self.pool = WorkerPool(
             config.prefill_addresses,
             config.decode_addresses,
