@@ -49,7 +49,8 @@ class GatewayServer:
             client_factory(config),
             router=config.router,
         )
-        self.core = GatewayCore(config, tokenizer, self.pool, GatewayMetrics(self.pool))
+        metrics = GatewayMetrics(self.pool, config.model_name)
+        self.core = GatewayCore(config, tokenizer, self.pool, metrics)
         self.app = build_app(self.core)
         self._log_level = log_level
         self._uvicorn: uvicorn.Server | None = None

@@ -121,6 +121,35 @@ def test_the_gateway_renders_with_the_tokenizer_folder(cluster: Cluster) -> None
     assert chat.json()["tokens"] in [p["tokens"] for p in plain]
 
 
+NEW_HISTOGRAMS = (
+    "pdserve:request_prefill_time_seconds",
+    "pdserve:request_decode_time_seconds",
+    "pdserve:request_time_per_output_token_seconds",
+)
+
+
+def test_every_metrics_series_carries_the_model_name(cluster: Cluster, client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model="beta", prompt="hello", max_tokens=6,
+                              extra_body={"ignore_eos": True})  # fmt: skip
+    text = httpx.get(f"{cluster.base_url}/metrics", timeout=10).text
+    families = {
+        f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("pdserve:")
+    }
+    samples = [s for f in families.values() for s in f.samples]
+    assert len(families) >= 20 and samples
+    unlabelled = sorted({s.name for s in samples if s.labels.get("model_name") != NAMES[0]})
+    assert not unlabelled, unlabelled
+    for name in (*NEW_HISTOGRAMS, "pdserve:prefix_cache_queries", "pdserve:prefix_cache_hits"):
+        assert name in families, name
+    for name in NEW_HISTOGRAMS:
+        count = [s.value for s in families[name].samples if s.name == f"{name}_count"]
+        assert count and count[0] >= 1, (name, count)
+    tpot_sum = [s.value for s in families[NEW_HISTOGRAMS[2]].samples if s.name.endswith("_sum")]
+    assert tpot_sum[0] > 0
+
+
 def test_a_worker_refuses_more_logprobs_than_its_cap() -> None:
     from protos.pdserve.v1 import common_pb2
 
