@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.limits import MAX_LOGPROBS
 from gateway.discovery import parse_entries
 from gateway.router import DEFAULT_ROUTER, ROUTER_NAMES
 from gateway.tool_parsers import TOOL_PARSERS
@@ -18,7 +19,11 @@ class GatewayConfig:
     prefill_addresses: tuple[str, ...] = ()
     decode_addresses: tuple[str, ...] = ()
     router: str = DEFAULT_ROUTER  # round-robin | least-loaded | kv-aware
-    served_model_name: str = ""  # "" : the model folder's name
+    # Every name requests may give as `model` (all listed by /v1/models); responses carry the
+    # first. Empty: the model folder's name. A single str is accepted too.
+    served_model_names: tuple[str, ...] = ()
+    tokenizer_path: Path | None = None  # tokenizer files and chat template; None: model_path
+    max_logprobs: int = MAX_LOGPROBS  # cap on logprobs / top_logprobs (400 above it)
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int | None = 50051  # None: no gRPC front door
@@ -51,6 +56,16 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))  # accept a str too
+        if self.tokenizer_path is not None:
+            object.__setattr__(self, "tokenizer_path", Path(self.tokenizer_path))
+        names = self.served_model_names
+        names = (names,) if isinstance(names, str) else tuple(names)
+        object.__setattr__(self, "served_model_names", tuple(n for n in names if n))
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(
+                f"max_logprobs must be in [0, {MAX_LOGPROBS}] (the engine's limit), "
+                f"got {self.max_logprobs}"
+            )
         if not self.decode_addresses:
             raise ValueError("at least one decode worker address is required (--decode)")
         parse_entries(self.prefill_addresses, "--prefill")
@@ -105,5 +120,14 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be in [0, 65535], got {port}")
 
     @property
+    def model_names(self) -> tuple[str, ...]:
+        """What requests may name as `model`; the first is the one responses carry."""
+        return self.served_model_names or (self.model_path.name,)
+
+    @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model_path.name
+        return self.model_names[0]
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        return self.tokenizer_path or self.model_path

@@ -16,7 +16,6 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from contract.limits import MAX_LOGPROBS
 from gateway.config import GatewayConfig
 from gateway.dispatch import DispatchSettings
 from gateway.errors import ErrorKind, GatewayError, invalid
@@ -55,7 +54,7 @@ class GatewayCore:
             vocab_size=tokenizer.vocab_size,
             max_model_len=self.max_model_len,
             max_n=config.max_n,
-            max_logprobs=MAX_LOGPROBS,
+            max_logprobs=config.max_logprobs,
             max_stop_strings=config.max_stop_strings,
         )
         self.dispatch_settings = DispatchSettings(

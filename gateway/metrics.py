@@ -58,48 +58,90 @@ _E2E_BUCKETS = (
 )
 
 
+_TPOT_BUCKETS = (  # vLLM's request_time_per_output_token_seconds buckets
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+MODEL_LABEL = "model_name"  # on every series, as vLLM
+
+
+class _Bound:
+    """A labelled metric with `model_name` already filled in: `.labels(...)` takes the rest."""
+
+    def __init__(self, metric, model_name: str) -> None:
+        self._metric = metric
+        self._model = model_name
+
+    def labels(self, *values: str):
+        return self._metric.labels(self._model, *values)
+
+
 class GatewayMetrics:
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram(
-            "pdserve:time_to_first_token_seconds",
-            "Time to first token.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        m = [MODEL_LABEL]
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, m, buckets=buckets, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str, *labels: str):
+            metric = Counter(name, doc, [*m, *labels], registry=r)
+            return _Bound(metric, model_name) if labels else metric.labels(model_name)
+
+        self.ttft = histogram(
+            "pdserve:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS
         )
-        self.itl = Histogram(
-            "pdserve:inter_token_latency_seconds",
-            "Time between tokens.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.itl = histogram(
+            "pdserve:inter_token_latency_seconds", "Time between tokens.", _LATENCY_BUCKETS
         )
-        self.e2e = Histogram(
-            "pdserve:e2e_request_latency_seconds",
-            "Request latency.",
-            buckets=_E2E_BUCKETS,
-            registry=r,
+        self.e2e = histogram("pdserve:e2e_request_latency_seconds", "Request latency.", _E2E_BUCKETS)
+        # Per choice, measured at the gateway (vLLM measures these in its engine, where the
+        # prefill time starts when the request is scheduled; here it starts when the choice is
+        # dispatched to a worker, so it includes the worker's queue).
+        self.prefill_time = histogram(
+            "pdserve:request_prefill_time_seconds",
+            "Choice dispatched to a worker until its first token.",
+            _E2E_BUCKETS,
         )
-        self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens.", registry=r)
-        self.generation_tokens = Counter(
-            "pdserve:generation_tokens", "Generated tokens.", registry=r
+        self.decode_time = histogram(
+            "pdserve:request_decode_time_seconds",
+            "First token of a choice until its last.",
+            _E2E_BUCKETS,
         )
-        self.success = Counter(
-            "pdserve:request_success",
-            "Finished choices by reason.",
-            ["finished_reason"],
-            registry=r,
+        self.tpot = histogram(
+            "pdserve:request_time_per_output_token_seconds",
+            "Decode time of a choice over its output tokens after the first.",
+            _TPOT_BUCKETS,
         )
-        self.failure = Counter(
-            "pdserve:request_failure", "Requests that failed, by error type.", ["error"], registry=r
+        self.prompt_tokens = counter("pdserve:prompt_tokens", "Prompt tokens.")
+        self.generation_tokens = counter("pdserve:generation_tokens", "Generated tokens.")
+        self.success = counter(
+            "pdserve:request_success", "Finished choices by reason.", "finished_reason"
         )
-        self.disaggregated = Counter(
-            "pdserve:disaggregated_requests",
-            "Choices by where the prompt was prefilled.",
-            ["prefill"],
-            registry=r,
+        self.failure = counter("pdserve:request_failure", "Requests that failed, by error type.",
+                               "error")  # fmt: skip
+        self.disaggregated = counter(
+            "pdserve:disaggregated_requests", "Choices by where the prompt was prefilled.", "prefill"
         )
-        r.register(_WorkerCollector(pool))
+        r.register(_WorkerCollector(pool, model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -108,11 +150,12 @@ class GatewayMetrics:
 class _WorkerCollector(Collector):
     """Per-worker gauges from the latest load report, read when Prometheus scrapes."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, model_name: str) -> None:
         self._pool = pool
+        self._model = model_name
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        labels = ["role", "worker"]
+        labels = [MODEL_LABEL, "role", "worker"]
         running = GaugeMetricFamily(
             "pdserve:num_requests_running", "Running on workers.", labels=labels
         )
@@ -156,7 +199,7 @@ class _WorkerCollector(Collector):
         )
         spec = _SpecDecodeFamilies(labels)
         for w in self._pool.workers:
-            key = [w.role, w.address]
+            key = [self._model, w.role, w.address]
             healthy.add_metric(key, 1.0 if w.healthy else 0.0)
             indexed.add_metric(key, len(self._pool.index.hashes(w.address)))
             if w.load is None:

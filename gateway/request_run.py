@@ -71,6 +71,10 @@ class RequestRun:
         self._started_at = time.monotonic()
         self._first_token_at: float | None = None
         self._last_token_at: list[float | None] = [None] * params.n
+        # Per choice: when it was dispatched, its first token, and tokens after the first.
+        self._dispatched_at: list[float | None] = [None] * params.n
+        self._choice_first_at: list[float | None] = [None] * params.n
+        self._tokens_after_first = [0] * params.n
         self._closed = False
 
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
@@ -117,6 +121,7 @@ class RequestRun:
     async def _run_choice(self, index: int) -> None:
         output = self._outputs[index]
         dispatch = self._dispatch(index)
+        self._dispatched_at[index] = time.monotonic()
         try:
             async with aclosing(dispatch.chunks()) as chunks:
                 async for chunk in chunks:
@@ -160,11 +165,30 @@ class RequestRun:
             if self._first_token_at is None:
                 self._first_token_at = now
                 metrics.ttft.observe(now - self._started_at)
-            last = self._last_token_at[delta.index]
+            i = delta.index
+            last = self._last_token_at[i]
             if last is not None:
                 metrics.itl.observe(now - last)
-            self._last_token_at[delta.index] = now
+            self._last_token_at[i] = now
+            if self._choice_first_at[i] is None:
+                self._choice_first_at[i] = now
+                self._tokens_after_first[i] += len(delta.token_ids) - 1
+                dispatched = self._dispatched_at[i]
+                if dispatched is not None:
+                    metrics.prefill_time.observe(now - dispatched)
+            else:
+                self._tokens_after_first[i] += len(delta.token_ids)
             metrics.generation_tokens.inc(len(delta.token_ids))
             self.usage.completion_tokens += len(delta.token_ids)
         if delta.finish_reason is not None:
             metrics.success.labels(delta.finish_reason).inc()
+            self._observe_decode(delta.index)
+
+    def _observe_decode(self, i: int) -> None:
+        first, last = self._choice_first_at[i], self._last_token_at[i]
+        if first is None or last is None:
+            return  # no token: nothing was decoded
+        metrics = self._core.metrics
+        metrics.decode_time.observe(last - first)
+        if self._tokens_after_first[i] > 0:
+            metrics.tpot.observe((last - first) / self._tokens_after_first[i])

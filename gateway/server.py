@@ -39,7 +39,9 @@ class GatewayServer:
 
     def __init__(self, config: GatewayConfig, log_level: str = "info") -> None:
         self.config = config
-        tokenizer = GatewayTokenizer(config.model_path, config.chat_template)
+        tokenizer = GatewayTokenizer(
+            config.tokenizer_folder, config.chat_template, model_folder=config.model_path
+        )
         self.pool = WorkerPool(
             config.prefill_addresses,
             config.decode_addresses,
@@ -47,7 +49,8 @@ class GatewayServer:
             client_factory(config),
             router=config.router,
         )
-        self.core = GatewayCore(config, tokenizer, self.pool, GatewayMetrics(self.pool))
+        metrics = GatewayMetrics(self.pool, config.model_name)
+        self.core = GatewayCore(config, tokenizer, self.pool, metrics)
         self.app = build_app(self.core)
         self._log_level = log_level
         self._uvicorn: uvicorn.Server | None = None

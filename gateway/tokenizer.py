@@ -56,8 +56,13 @@ class ChatTemplateError(ValueError):
 class GatewayTokenizer:
     """Encode, decode and apply the chat template for one model folder."""
 
-    def __init__(self, folder: str | Path, chat_template: str | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, chat_template: str | None = None, model_folder=None
+    ) -> None:
+        """`folder`: tokenizer files and chat template; `model_folder` (default: the same):
+        config.json and generation_config.json (vocabulary size, context, EOS)."""
         self.folder = Path(folder)
+        self.model_folder = self.folder if model_folder is None else Path(model_folder)
         tokenizer_file = self.folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ValueError(
@@ -69,7 +74,7 @@ class GatewayTokenizer:
         self._cleanup = bool(config.get("clean_up_tokenization_spaces", False))
         self.chat_template = _pick_template(self.folder, config, chat_template)
         self._template = _compile(self.chat_template) if self.chat_template else None
-        self.facts = _model_facts(self.folder, self._tok, self._special["eos_token"])
+        self.facts = _model_facts(self.model_folder, self._tok, self._special["eos_token"])
 
     # -- sizes and special tokens -------------------------------------------------------------
     @property

@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from contract.limits import MAX_LOGPROBS
 from contract.structured import StructuredOutputs
 
 # Message-typed fields and the contract dataclass each one is (its fields named as the message's).
@@ -60,3 +61,14 @@ def _defaults_unset(value: Any) -> dict[str, Any]:
         if v != f.default:
             out[f.name] = v
     return out
+
+
+def add_max_logprobs_arg(group) -> None:
+    """`--max-logprobs`, as vLLM: the gateway answers 400 above it, a worker INVALID_ARGUMENT."""
+    group.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=MAX_LOGPROBS,
+        help=f"most logprobs / top_logprobs a request may ask for, 0..{MAX_LOGPROBS} "
+        f"(default {MAX_LOGPROBS}); more is refused",
+    )

@@ -28,6 +28,9 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str) -> None:
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     )
     add_engine_args(parser)
+    from rpc.sampling import add_max_logprobs_arg
+
+    add_max_logprobs_arg(parser.add_argument_group("requests"))
     g = parser.add_argument_group("kv transfer")
     if role in ("prefill", "both"):
         _add_prefill_kv_args(g)
@@ -96,6 +99,7 @@ def config_from_args(role: str, args: argparse.Namespace, cluster_secret=None):
             engine_id=args.engine_id,
             drain_timeout_s=args.drain_timeout,
             cluster_secret=cluster_secret,
+            max_logprobs=args.max_logprobs,
         )
     # With --tls-client-ca on the prefill workers, a decode worker presents its own server
     # certificate as its client certificate.
@@ -109,6 +113,7 @@ def config_from_args(role: str, args: argparse.Namespace, cluster_secret=None):
         engine_id=args.engine_id,
         drain_timeout_s=args.drain_timeout,
         cluster_secret=cluster_secret,
+        max_logprobs=args.max_logprobs,
     )
 
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.limits import MAX_LOGPROBS
 from kvtransfer.transports import TRANSPORT_CHOICES
 from rpc.auth import ClusterSecret
 
 ROLES = ("prefill", "decode", "both")
+
+
+def _check_max_logprobs(value: int) -> None:
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise ValueError(
+            f"max_logprobs must be in [0, {MAX_LOGPROBS}] (the engine's limit), got {value}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,8 +30,10 @@ class PrefillWorkerConfig:
     engine_id: str | None = None
     drain_timeout_s: float = 30.0
     cluster_secret: ClusterSecret | None = None  # signs KV handles (None: unsigned)
+    max_logprobs: int = MAX_LOGPROBS  # requests asking for more logprobs: INVALID_ARGUMENT
 
     def __post_init__(self) -> None:
+        _check_max_logprobs(self.max_logprobs)
         if not 1 <= self.lease_ms <= self.max_lease_ms:
             raise ValueError(
                 f"need 1 <= lease_ms ({self.lease_ms}) <= max_lease_ms ({self.max_lease_ms})"
@@ -45,8 +55,10 @@ class DecodeWorkerConfig:
     max_chunk_bytes: int = 0  # 0: the server's default (1 MiB)
     engine_id: str | None = None
     drain_timeout_s: float = 30.0
+    max_logprobs: int = MAX_LOGPROBS  # requests asking for more logprobs: INVALID_ARGUMENT
 
     def __post_init__(self) -> None:
+        _check_max_logprobs(self.max_logprobs)
         if self.kv_transport not in TRANSPORT_CHOICES:
             raise ValueError(
                 f"kv_transport must be one of {TRANSPORT_CHOICES}, got {self.kv_transport!r}"
@@ -71,3 +83,4 @@ class BothWorkerConfig:
     def __post_init__(self) -> None:
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+

@@ -29,7 +29,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             call = PrefillCall(
                 transfer_id=request.transfer_id,
                 prompt_token_ids=wire.prompt_from_pb(request.prompt_token_ids),
-                params=wire.sampling_params_from_pb(request.sampling),
+                params=wire.sampling_params_from_pb(
+                    request.sampling, self._worker.config.max_logprobs
+                ),
                 request_id=request.request_id or request.transfer_id,
                 lease_ms=request.lease_ms if request.HasField("lease_ms") else None,
             )
@@ -107,7 +109,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         return DecodeCall(
             request_id=request.request_id,
             prompt_token_ids=wire.prompt_from_pb(request.prompt_token_ids),
-            params=wire.sampling_params_from_pb(request.sampling),
+            params=wire.sampling_params_from_pb(request.sampling, self._worker.config.max_logprobs),
             handle=kv_wire.handle_from_pb(request.kv_handle)
             if request.HasField("kv_handle")
             else None,

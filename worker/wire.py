@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contract.limits import MAX_LOGPROBS
 from engine.kv_events import KVEventKind, KVEventsRead
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -13,9 +14,15 @@ from rpc.sampling import fields_from_pb
 from worker.snapshot import WorkerSnapshot
 
 
-def sampling_params_from_pb(msg: common_pb2.SamplingParams) -> SamplingParams:
-    """Unset fields keep the engine's defaults. Raises ValueError on invalid values."""
+def sampling_params_from_pb(
+    msg: common_pb2.SamplingParams, max_logprobs: int = MAX_LOGPROBS
+) -> SamplingParams:
+    """Unset fields keep the engine's defaults. Raises ValueError on invalid values, and on
+    more logprobs than `max_logprobs` (the worker's --max-logprobs)."""
     values = fields_from_pb(msg)
+    logprobs = values.get("logprobs")
+    if logprobs is not None and logprobs > max_logprobs:
+        raise ValueError(f"logprobs must be in [0, {max_logprobs}], got {logprobs}")
     if values.get("top_k", 0) < 0:
         values["top_k"] = 0  # vLLM: -1 disables
     values["stop_token_ids"] = list(values["stop_token_ids"])

@@ -68,15 +68,18 @@ def _add_info_routes(app: FastAPI, core: GatewayCore) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {
-            "id": core.config.model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "pdserve",
-            "root": str(core.config.model_path),
-            "max_model_len": core.max_model_len,
-        }
-        return {"object": "list", "data": [card]}
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "pdserve",
+                "root": str(core.config.model_path),
+                "max_model_len": core.max_model_len,
+            }
+            for name in core.config.model_names
+        ]
+        return {"object": "list", "data": cards}
 
     @app.get("/health")
     async def health() -> JSONResponse:

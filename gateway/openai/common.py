@@ -26,8 +26,8 @@ class ResponseMeta:
 
 
 def check_model(core: GatewayCore, model: str | None) -> None:
-    """An unset model means the served one; any other name is a 404."""
-    if model is not None and model != core.config.model_name:
+    """An unset model means the served one; a name not served (--served-model-name) is a 404."""
+    if model is not None and model not in core.config.model_names:
         raise GatewayError(ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", "model")
 
 

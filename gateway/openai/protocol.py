@@ -259,8 +259,11 @@ class ChatCompletionRequest(_SamplingRequest):
     # template is running a client's code, so it is refused, not silently ignored.
     chat_template: str | None = None
 
-    def to_params(self, tool_constraint: StructuredOutputs | None = None) -> GenerationParams:
-        """`tool_constraint`: what tool_choice required / a named function enforces."""
+    def to_params(
+        self, tool_constraint: StructuredOutputs | None = None, max_logprobs: int = MAX_LOGPROBS
+    ) -> GenerationParams:
+        """`tool_constraint`: what tool_choice required / a named function enforces;
+        `max_logprobs`: the server's cap on top_logprobs (--max-logprobs)."""
         if self.chat_template is not None:
             raise invalid(
                 "a chat template in the request is not accepted: prompts are rendered with the "
@@ -269,9 +272,9 @@ class ChatCompletionRequest(_SamplingRequest):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= max_logprobs:
             raise invalid(
-                f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                f"top_logprobs must be in [0, {max_logprobs}], got {self.top_logprobs}",
                 "top_logprobs",
             )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

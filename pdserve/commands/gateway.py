@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from rpc.auth import add_cluster_secret_arg, require_cluster_secret
+from rpc.sampling import add_max_logprobs_arg
 
 API_KEY_ENV = "PDSERVE_API_KEY"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -57,7 +58,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="HF model folder for the tokenizer and chat template (default: the "
         "default model's converted folder)",
     )
-    m.add_argument("--served-model-name", default=None, help="model id in the API")
+    m.add_argument("--tokenizer", default=None,
+                   help="HF folder with the tokenizer files and chat template (default: --model)")  # fmt: skip
+    add_served_name_arg(m)
+    add_max_logprobs_arg(m)
     m.add_argument("--chat-template", default=None, help="a template file or the template text")
     add_tool_args(m)
     m.add_argument(
@@ -100,6 +104,17 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
 
+def add_served_name_arg(group) -> None:
+    group.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="model ids in the API: requests may name any, /v1/models lists all, responses "
+        "carry the first (default: the model folder's name)",
+    )
+
+
 def add_tool_args(group) -> None:
     group.add_argument(
         "--tool-call-parser",
@@ -123,6 +138,15 @@ def resolve_model_folder(model: str | None) -> Path:
     return resolve_model(model)
 
 
+def resolve_tokenizer_folder(tokenizer: str | None) -> Path | None:
+    if tokenizer is None:
+        return None
+    folder = Path(tokenizer).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"--tokenizer {tokenizer!r} is not a folder")
+    return folder.resolve()
+
+
 def config_from_args(args: argparse.Namespace, model_path: Path):
     from gateway.config import GatewayConfig
 
@@ -140,7 +164,9 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
         prefill_addresses=_addresses(args.prefill),
         decode_addresses=_addresses(args.decode),
         router=args.router,
-        served_model_name=args.served_model_name or "",
+        served_model_names=tuple(args.served_model_name or ()),
+        tokenizer_path=resolve_tokenizer_folder(args.tokenizer),
+        max_logprobs=args.max_logprobs,
         host=args.host,
         http_port=args.port,
         grpc_port=None if args.grpc_port < 0 else args.grpc_port,

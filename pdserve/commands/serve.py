@@ -10,9 +10,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from contract.limits import MAX_LOGPROBS
 from engine.cli_args import add_engine_args
 from pdserve.commands.convert import add_cache_dir_arg
-from pdserve.commands.gateway import add_tool_args
+from pdserve.commands.gateway import add_served_name_arg, add_tool_args
 from pdserve.launcher import (
     DECODE_PORT,
     GATEWAY_API_KEY_ENV,
@@ -25,12 +26,15 @@ from pdserve.launcher import (
     plan_cluster,
     run_cluster,
 )
+from rpc.sampling import add_max_logprobs_arg
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DRAIN_MARGIN_S = 5.0  # extra wait past a child's own drain timeout before SIGKILL
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="HF model folder, as `vllm serve MODEL` (or give --model)")  # fmt: skip
     add_engine_args(p)  # passed on to every worker
     g = p.add_argument_group("cluster")
     g.add_argument("--host", default="127.0.0.1", help="gateway bind address")
@@ -53,7 +57,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     add_cache_dir_arg(g)
     g.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     gw = p.add_argument_group("gateway")
-    gw.add_argument("--served-model-name", default=None)
+    add_served_name_arg(gw)
+    gw.add_argument("--tokenizer", default=None,
+                    help="HF folder with the tokenizer files and chat template the gateway uses "
+                    "(default: the model's)")  # fmt: skip
+    add_max_logprobs_arg(gw)  # the gateway and every worker enforce it
     gw.add_argument("--api-key", default=os.environ.get(GATEWAY_API_KEY_ENV) or None,
                     help=f"require 'Authorization: Bearer KEY' (or set {GATEWAY_API_KEY_ENV})")  # fmt: skip
     gw.add_argument("--chat-template", default=None, help="a template file or the template text")
@@ -95,8 +103,12 @@ def spell_choice(command: str, flag: str, value: str) -> str:
 def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
     """Gateway flags given to `serve` (the API key travels in the environment instead)."""
     argv: list[str] = []
+    if args.served_model_name:
+        argv += ["--served-model-name", *args.served_model_name]
+    if args.max_logprobs != MAX_LOGPROBS:
+        argv += ["--max-logprobs", str(args.max_logprobs)]
     for flag, value in (
-        ("--served-model-name", args.served_model_name),
+        ("--tokenizer", args.tokenizer),
         ("--chat-template", args.chat_template),
         ("--max-model-len", args.max_model_len),
         ("--router", getattr(args, "router", None)),
@@ -107,6 +119,21 @@ def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
     if args.enable_auto_tool_choice:
         argv.append("--enable-auto-tool-choice")
     return argv
+
+
+def worker_flag_argv(args: argparse.Namespace) -> list[str]:
+    """Flags of `serve` every worker gets besides the engine's."""
+    if args.max_logprobs == MAX_LOGPROBS:
+        return []
+    return ["--max-logprobs", str(args.max_logprobs)]
+
+
+def model_argument(args: argparse.Namespace) -> str | None:
+    """MODEL (positional, as vLLM) or --model; both given must agree."""
+    tag, flag = args.model_tag, args.model
+    if tag is not None and flag is not None and tag != flag:
+        raise ValueError(f"MODEL {tag!r} and --model {flag!r} differ: give one")
+    return tag if tag is not None else flag
 
 
 def resolve_model(model: str | None, cache_dir: str | None) -> Path:
@@ -134,7 +161,7 @@ def cluster_options(args: argparse.Namespace, model: Path) -> ClusterOptions:
         worker_log_level=spell_choice("decode", "--log-level", args.log_level),
         gateway_log_level=spell_choice("gateway", "--log-level", args.log_level),
         drain_timeout_s=args.drain_timeout,
-        worker_args=tuple(engine_flag_argv(args)),
+        worker_args=tuple(engine_flag_argv(args) + worker_flag_argv(args)),
         gateway_args=tuple(gateway_flag_argv(args)),
         api_key=args.api_key,
     )
@@ -154,13 +181,22 @@ def banner(opts: ClusterOptions, served_name: str, api_key: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        args.model = model_argument(args)
+        if args.tokenizer is not None:
+            if not Path(args.tokenizer).expanduser().is_dir():
+                raise ValueError(f"--tokenizer {args.tokenizer!r} is not a folder")
+            args.tokenizer = str(Path(args.tokenizer).expanduser().resolve())
+        if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(
+                f"--max-logprobs must be in [0, {MAX_LOGPROBS}], got {args.max_logprobs}"
+            )
         model = resolve_model(args.model, args.cache_dir)
         opts = cluster_options(args, model)
         RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
     except (ValueError, OSError) as exc:
         print(f"pdserve serve: error: {exc}", file=sys.stderr)
         return 2
-    served = args.served_model_name or model.name
+    served = args.served_model_name[0] if args.served_model_name else model.name
     run_opts = RunOptions(
         ready_timeout_s=args.ready_timeout,
         grace_s=args.drain_timeout + DRAIN_MARGIN_S,

@@ -37,7 +37,7 @@ async def _run_all(url: str, bodies: list[dict]):
 
 
 def _remote(gateway) -> float:
-    return metrics(gateway).get('pdserve:disaggregated_requests_total{prefill="remote"}', 0.0)
+    return metrics(gateway).get('pdserve:disaggregated_requests_total{model_name="tiny",prefill="remote"}', 0.0)
 
 
 def test_expired_lease_is_prefilled_again_never_read(up, figures):

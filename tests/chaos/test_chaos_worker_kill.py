@@ -88,7 +88,7 @@ def test_decode_worker_killed_mid_stream(up, figures):
 
 def _disaggregated(gateway) -> dict[str, float]:
     m = metrics(gateway)
-    return {where: m.get(f'pdserve:disaggregated_requests_total{{prefill="{where}"}}', 0.0)
+    return {where: m.get(f'pdserve:disaggregated_requests_total{{model_name="tiny",prefill="{where}"}}', 0.0)
             for where in ("local", "remote")}  # fmt: skip
 
 

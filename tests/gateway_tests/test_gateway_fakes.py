@@ -257,7 +257,7 @@ def make_config(folder: Path, prefill: list[FakeWorker], decode: list[FakeWorker
         model_path=folder,
         prefill_addresses=tuple(w.address for w in prefill),
         decode_addresses=tuple(w.address for w in decode),
-        served_model_name="tiny",
+        served_model_names=("tiny",),
         http_port=0,
         grpc_port=0,
         load_interval_s=kw.pop("load_interval_s", 30.0),  # tests poll explicitly

@@ -151,7 +151,7 @@ def _metric(url: str, series: str) -> float:
 
 def remote_prefills(url: str) -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith('pdserve:disaggregated_requests_total{prefill="remote"}'):
+        if line.startswith('pdserve:disaggregated_requests_total{model_name="tiny",prefill="remote"}'):
             return float(line.split()[-1])
     return 0.0
 
@@ -289,7 +289,7 @@ def test_one_both_worker_behind_the_gateway(tiny_llama, offline, tmp_path):
         assert remote_prefills(g.http) == before + 1
         # The in-pool copy of the long prompt's blocks is reported like a pull, under the
         # worker's decode entry.
-        series = f'pdserve:kv_transfer_bytes_total{{role="decode",worker="{b.address}"}}'
+        series = f'pdserve:kv_transfer_bytes_total{{model_name="tiny",role="decode",worker="{b.address}"}}'
         deadline = time.monotonic() + 15
         while _metric(g.http, series) <= 0:
             assert time.monotonic() < deadline, httpx.get(f"{g.http}/metrics").text[-3000:]

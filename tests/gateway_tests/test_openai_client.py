@@ -205,7 +205,7 @@ def test_client_disconnect_mid_stream_aborts_end_to_end(gw):
     finally:
         gw.decode.token_delay_s = 0.0
     metrics = httpx.get(f"{gw.http_url}/metrics").text
-    assert 'pdserve:request_success_total{finished_reason="abort"}' in metrics
+    assert 'pdserve:request_success_total{finished_reason="abort",model_name="tiny"}' in metrics
 
 
 def test_models_version_tokenize_detokenize(gw):

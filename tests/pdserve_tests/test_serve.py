@@ -123,7 +123,7 @@ def cluster_factory(tmp_path: Path) -> Iterator:
 
 def generated_tokens(base_url: str) -> float:
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    lines = [ln for ln in text.splitlines() if ln.startswith("pdserve:generation_tokens_total ")]
+    lines = [ln for ln in text.splitlines() if ln.startswith("pdserve:generation_tokens_total{")]
     return float(lines[0].split()[1]) if lines else 0.0
 
 

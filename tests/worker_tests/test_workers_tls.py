@@ -145,7 +145,7 @@ def test_gateway_dials_mtls_workers_with_the_cluster_credential(tiny_llama, cert
             mtls,
         )  # fmt: skip
         base = dict(model_path=tiny_llama, prefill_addresses=(p.address,),
-                    decode_addresses=(d.address,), served_model_name="tiny", http_port=0,
+                    decode_addresses=(d.address,), served_model_names=("tiny",), http_port=0,
                     grpc_port=None, min_prefill_tokens=8)  # fmt: skip
         full = dict(worker_tls_ca=certs / "ca.pem", worker_tls_cert=certs / "client.pem",
                     worker_tls_key=certs / "client.key", cluster_secret=secret)  # fmt: skip
