@@ -1,4 +1,5 @@
-"""Benchmark prompts: random prompts of a target length, or prompts read from a JSONL file."""
+"""Benchmark prompts: random prompts of a target length, prompts read from a JSONL file, or the
+first turns of a ShareGPT-format JSON file."""
 
 from __future__ import annotations
 
@@ -169,3 +170,60 @@ def jsonl_requests(
     random.Random(seed).shuffle(rows)
     picked = [rows[i % len(rows)] for i in range(num_prompts)]
     return [SampleRequest(p, count_tokens(p, tokenizer), n) for p, n in picked]
+
+
+# vLLM's filter for ShareGPT samples: too short to measure, or too long for common contexts.
+SHAREGPT_MIN_LEN = 4
+SHAREGPT_MAX_PROMPT_LEN = 1024
+SHAREGPT_MAX_TOTAL_LEN = 2048
+
+
+def sharegpt_requests(
+    path: Path,
+    num_prompts: int,
+    tokenizer: Tokenizer | None,
+    seed: int,
+    fixed_output_len: int | None = None,
+) -> list[SampleRequest]:
+    """Requests from a ShareGPT-format file (a JSON list of {"conversations": [{"from": ...,
+    "value": ...}, ...]}), as `vllm bench serve --dataset-name sharegpt` samples them: the first
+    turn is the prompt, the second turn's length the output length (or `fixed_output_len`);
+    entries with fewer than two turns, or too short or too long, are skipped; shuffled with
+    `seed`, the first `num_prompts` that pass kept."""
+    if not path.is_file():
+        raise ValueError(f"dataset file not found: {path}")
+    if fixed_output_len is not None and fixed_output_len < 1:
+        raise ValueError(f"--sharegpt-output-len must be >= 1, got {fixed_output_len}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of conversations")
+    pairs = []
+    for entry in data:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(turns, list) or len(turns) < 2:
+            continue
+        first, second = (t.get("value") if isinstance(t, dict) else None for t in turns[:2])
+        if isinstance(first, str) and isinstance(second, str):
+            pairs.append((first, second))
+    random.Random(seed).shuffle(pairs)
+    out: list[SampleRequest] = []
+    for prompt, answer in pairs:
+        if len(out) == num_prompts:
+            break
+        prompt_len = count_tokens(prompt, tokenizer)
+        output_len = fixed_output_len or count_tokens(answer, tokenizer)
+        too_short = prompt_len < SHAREGPT_MIN_LEN or (
+            fixed_output_len is None and output_len < SHAREGPT_MIN_LEN
+        )
+        too_long = (
+            prompt_len > SHAREGPT_MAX_PROMPT_LEN
+            or prompt_len + output_len > SHAREGPT_MAX_TOTAL_LEN
+        )
+        if not (too_short or too_long):
+            out.append(SampleRequest(prompt, prompt_len, output_len))
+    if not out:
+        raise ValueError(f"{path}: no conversation passes the length filter")
+    return out

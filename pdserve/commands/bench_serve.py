@@ -20,6 +20,7 @@ from pdserve.bench.datasets import (
     Tokenizer,
     jsonl_requests,
     random_requests,
+    sharegpt_requests,
 )
 from pdserve.bench.metrics import METRICS, calculate_metrics, parse_goodput
 from pdserve.bench.report import RunInfo, build_result, default_filename, now_stamp, save_result
@@ -27,6 +28,9 @@ from pdserve.bench.report import summary as format_summary
 from pdserve.bench.runner import LoadConfig, probe, run_load
 
 PROBE_MAX_TOKENS = 16
+# vllm bench serve's backends that speak OpenAI's API, and the route each sends to.
+BACKENDS = ("openai", "openai-chat", "vllm")
+COMPLETIONS_ENDPOINT = "/v1/completions"
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -40,7 +44,15 @@ def _add_target_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--base-url", default=None, help="server root, e.g. http://127.0.0.1:8000")
     g.add_argument("--host", default="127.0.0.1", help="used when --base-url is not given")
     g.add_argument("--port", type=int, default=8000, help="used when --base-url is not given")
-    g.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
+    g.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="as vllm bench serve: openai and vllm send completions, openai-chat chat completions",
+    )
+    g.add_argument(
+        "--endpoint", default=None, choices=ENDPOINTS, help="default: the backend's route"
+    )
     g.add_argument(
         "--model", default=None, help="model name to send (default: first of /v1/models)"
     )
@@ -49,9 +61,21 @@ def _add_target_args(g: argparse._ArgumentGroup) -> None:
 
 
 def _add_dataset_args(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--dataset-name", default="random", help="'random', 'custom' or a JSONL path")
     g.add_argument(
-        "--dataset-path", default=None, help="JSONL of prompts (with --dataset-name custom)"
+        "--dataset-name",
+        default="random",
+        help="'random', 'sharegpt', 'custom' or a JSONL path",
+    )
+    g.add_argument(
+        "--dataset-path",
+        default=None,
+        help="JSONL of prompts (custom) or a ShareGPT-format JSON file (sharegpt)",
+    )
+    g.add_argument(
+        "--sharegpt-output-len",
+        type=int,
+        default=None,
+        help="max tokens per ShareGPT request (default: the length of the recorded answer)",
     )
     g.add_argument("--num-prompts", type=int, default=1000)
     g.add_argument("--random-input-len", type=int, default=1024)
@@ -144,11 +168,18 @@ def sample_requests(args: argparse.Namespace, tokenizer: Tokenizer | None) -> li
             seed=args.seed,
         )
         return random_requests(cfg, tokenizer)
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.dataset_name == "sharegpt":
+        if args.dataset_path is None:
+            raise ValueError("--dataset-name sharegpt needs --dataset-path (a local JSON file)")
+        return sharegpt_requests(
+            Path(args.dataset_path), args.num_prompts, tokenizer, args.seed,
+            args.sharegpt_output_len,
+        )  # fmt: skip
     path = args.dataset_path if args.dataset_name == "custom" else args.dataset_name
     if path is None:
         raise ValueError("--dataset-name custom needs --dataset-path")
-    if args.num_prompts < 1:
-        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     return jsonl_requests(
         Path(path), args.num_prompts, args.custom_output_len, tokenizer, args.seed
     )
@@ -182,6 +213,13 @@ def _counter(tokenizer: Tokenizer | None) -> Callable[[str], int] | None:
 
 def _normalize(args: argparse.Namespace) -> None:
     args.base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
+    wants_chat = args.backend == "openai-chat"
+    if args.endpoint is None:
+        args.endpoint = CHAT_ENDPOINT if wants_chat else COMPLETIONS_ENDPOINT
+    elif args.backend is not None and wants_chat != (args.endpoint == CHAT_ENDPOINT):
+        raise ValueError(f"--backend {args.backend} does not send to --endpoint {args.endpoint}")
+    if args.backend is None:
+        args.backend = "openai-chat" if args.endpoint == CHAT_ENDPOINT else "openai"
     args.api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     if not args.request_rate > 0:
         raise ValueError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
@@ -221,7 +259,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     inputs = request_inputs(args, model, sample_requests(args, tokenizer))
     info = RunInfo(
         date=now_stamp(),
-        backend="openai-chat" if args.endpoint == CHAT_ENDPOINT else "openai",
+        backend=args.backend,
         base_url=args.base_url,
         endpoint=args.endpoint,
         model_id=model,

@@ -373,3 +373,33 @@ def test_sweep_seed_base_is_the_last_seed_flag() -> None:
 
     assert _base_seed(["--num-prompts", "8"]) == 0
     assert _base_seed(["--seed", "3", "--ignore-eos", "--seed", "7"]) == 7
+
+
+def test_sharegpt_samples_follow_vllms_filter(tmp_path: Path) -> None:
+    from pdserve.bench.datasets import sharegpt_requests
+
+    def conv(prompt: str, answer: str) -> dict:
+        return {"conversations": [{"from": "human", "value": prompt},
+                                  {"from": "gpt", "value": answer}]}  # fmt: skip
+
+    rows = [conv("a b c d e", "one two three four"), conv("a b", "one two three four"),
+            conv("a b c d", "one"), {"conversations": [{"from": "human", "value": "x y z w"}]},
+            conv("w " * 1100, "one two three four"), "not a conversation"]  # fmt: skip
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(rows))
+    out = sharegpt_requests(path, 10, None, seed=0)
+    assert [(s.prompt, s.prompt_len, s.expected_output_len) for s in out] == [
+        ("a b c d e", 5, 4)
+    ]  # short prompt, short answer, one turn, too long prompt: all skipped
+    fixed = sharegpt_requests(path, 10, None, seed=0, fixed_output_len=7)
+    assert sorted((s.prompt_len, s.expected_output_len) for s in fixed) == [(4, 7), (5, 7)]
+    with pytest.raises(ValueError, match="not JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        sharegpt_requests(tmp_path / "bad.json", 1, None, seed=0)
+
+
+def test_backend_and_endpoint_must_agree(capsys) -> None:
+    rc = main(["bench", "serve", "--backend", "openai-chat", "--endpoint", "/v1/completions",
+               "--base-url", "http://127.0.0.1:1", "--disable-tqdm"])  # fmt: skip
+    assert rc == 2
+    assert "does not send to" in capsys.readouterr().err

@@ -159,6 +159,28 @@ def test_serve_answers_a_completion_and_a_bench_run_then_stops_cleanly(
     assert 0 < data["mean_ttft_ms"] < data["mean_e2el_ms"]
     assert data["mean_itl_ms"] > 0 and data["request_throughput"] > 0
 
+    # A `vllm bench serve` command line on a local ShareGPT file runs unchanged.
+    words = "the quick brown fox jumps over the lazy dog".split()
+    conversations = [
+        {"conversations": [{"from": "human", "value": " ".join(words[: 4 + i % 5] * 2)},
+                           {"from": "gpt", "value": " ".join(words[: 4 + i % 3])}]}
+        for i in range(8)
+    ] + [{"conversations": [{"from": "human", "value": "too short"}]}]  # fmt: skip
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps(conversations))
+    for backend in ("vllm", "openai-chat"):
+        result = tmp_path / f"sharegpt-{backend}.json"
+        argv = ["bench", "serve", "--backend", backend, "--base-url", cluster.base_url,
+                "--model", tiny_llama.name, "--tokenizer", str(tiny_llama), "--dataset-name",
+                "sharegpt", "--dataset-path", str(sharegpt), "--num-prompts", "6",
+                "--ignore-eos", "--disable-tqdm", "--result-dir", str(tmp_path),
+                "--result-filename", result.name]  # fmt: skip
+        assert pdserve_main(argv) == 0, backend
+        data = json.loads(result.read_text())
+        assert (data["completed"], data["failed"], data["backend"]) == (6, 0, backend)
+        assert data["endpoint"] == ("/v1/chat/completions" if backend == "openai-chat"
+                                    else "/v1/completions")  # fmt: skip
+
     cluster.stop_and_check_no_survivors()
     assert "stopping gateway (SIGTERM)" in cluster.text()
     assert "killing" not in cluster.text()
