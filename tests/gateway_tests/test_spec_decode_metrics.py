@@ -26,7 +26,8 @@ def test_spec_decode_counters_and_rates_are_exported():
     families = {
         f.name: f
         for f in _WorkerCollector(
-            SimpleNamespace(workers=[worker], index=SimpleNamespace(hashes=lambda a: set()))
+            SimpleNamespace(workers=[worker], index=SimpleNamespace(hashes=lambda a: set())),
+            "tiny",
         ).collect()
     }
 
