@@ -36,10 +36,13 @@ async def create_chat_completion(
     runs = await open_runs(core, [GenerateRequest(prompt, params)])
     meta = ResponseMeta.new("chatcmpl", core.config.model_name)
     if body.stream:
-        events = _events(core, meta, runs[0], plan, body.include_usage, body.continuous_usage)
+        events = _events(core, meta, runs[0], plan, body.include_usage, body.continuous_usage,
+                         as_ids=body.return_tokens_as_token_ids)  # fmt: skip
         return await start_sse(request, events)
     results = await unless_disconnected(request, collect(merged(runs), params.n, 1))
-    return JSONResponse(_response_body(core, meta, runs[0], plan, results))
+    return JSONResponse(
+        _response_body(core, meta, runs[0], plan, results, body.return_tokens_as_token_ids)
+    )
 
 
 def _message(
@@ -61,6 +64,7 @@ def _response_body(
     run: RequestRun,
     plan: ToolPlan,
     results: Sequence[ChoiceResult],
+    as_ids: bool = False,
 ) -> dict[str, Any]:
     want_logprobs = run.params.logprobs is not None
     choices = []
@@ -70,7 +74,9 @@ def _response_body(
             {
                 "index": c.index,
                 "message": message,
-                "logprobs": chat_logprobs(core.tokenizer, c.logprobs) if want_logprobs else None,
+                "logprobs": chat_logprobs(core.tokenizer, c.logprobs, as_ids)
+                if want_logprobs
+                else None,
                 "finish_reason": finish_reason,
                 "stop_reason": c.stop_reason,
             }
@@ -92,6 +98,7 @@ async def _events(
     plan: ToolPlan,
     include_usage: bool,
     continuous_usage: bool,
+    as_ids: bool = False,
 ) -> AsyncIterator[str]:
     """Per choice: a role chunk when its first delta arrives, then content, then the finish.
     When the text becomes tool calls, it is held back and the calls come in the last delta."""
@@ -126,7 +133,7 @@ async def _events(
         choice = {
             "index": delta.index,
             "delta": content,
-            "logprobs": chat_logprobs(core.tokenizer, delta.logprobs or ())
+            "logprobs": chat_logprobs(core.tokenizer, delta.logprobs or (), as_ids)
             if want_logprobs
             else None,
             "finish_reason": finish_reason,

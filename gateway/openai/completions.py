@@ -31,10 +31,13 @@ async def create_completion(
         _echo_text(core, p, r) if body.echo else "" for p, r in zip(prompts, runs, strict=True)
     ]
     if body.stream:
-        events = _events(core, meta, runs, echoes, body.include_usage, body.continuous_usage)
+        events = _events(core, meta, runs, echoes, body.include_usage, body.continuous_usage,
+                         as_ids=body.return_tokens_as_token_ids)  # fmt: skip
         return await start_sse(request, events)
     results = await unless_disconnected(request, collect(merged(runs), params.n, len(runs)))
-    return JSONResponse(_response_body(core, meta, runs, echoes, results))
+    return JSONResponse(
+        _response_body(core, meta, runs, echoes, results, body.return_tokens_as_token_ids)
+    )
 
 
 def _prompts(
@@ -57,11 +60,13 @@ def _echo_text(core: GatewayCore, prompt: Prompt, run: RequestRun) -> str:
     return core.tokenizer.decode(run.prompt_ids, skip_special_tokens=False)
 
 
-def _choice_body(core: GatewayCore, c: ChoiceResult, echo: str, logprobs: bool) -> dict[str, Any]:
+def _choice_body(
+    core: GatewayCore, c: ChoiceResult, echo: str, logprobs: bool, as_ids: bool
+) -> dict[str, Any]:
     return {
         "index": c.index,
         "text": echo + c.text,
-        "logprobs": completion_logprobs(core.tokenizer, c.logprobs, len(echo))
+        "logprobs": completion_logprobs(core.tokenizer, c.logprobs, len(echo), as_ids)
         if logprobs
         else None,
         "finish_reason": c.finish_reason,
@@ -75,10 +80,11 @@ def _response_body(
     runs: Sequence[RequestRun],
     echoes: Sequence[str],
     results: Sequence[ChoiceResult],
+    as_ids: bool = False,
 ) -> dict[str, Any]:
     n = runs[0].params.n
     logprobs = runs[0].params.logprobs is not None
-    choices = [_choice_body(core, c, echoes[c.index // n], logprobs) for c in results]
+    choices = [_choice_body(core, c, echoes[c.index // n], logprobs, as_ids) for c in results]
     return {
         "id": meta.id,
         "object": "text_completion",
@@ -96,6 +102,7 @@ async def _events(
     echoes: Sequence[str],
     include_usage: bool,
     continuous_usage: bool,
+    as_ids: bool = False,
 ) -> AsyncIterator[str]:
     n = runs[0].params.n
     want_logprobs = runs[0].params.logprobs is not None
@@ -116,7 +123,9 @@ async def _events(
             continue
         logprobs = None
         if want_logprobs:
-            logprobs = completion_logprobs(core.tokenizer, delta.logprobs or (), offsets[index])
+            logprobs = completion_logprobs(
+                core.tokenizer, delta.logprobs or (), offsets[index], as_ids
+            )
         offsets[index] += len(delta.text)
         choice = {
             "index": index,

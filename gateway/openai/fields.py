@@ -47,7 +47,6 @@ NO_OP: dict[str, Any] = {
     "echo": False,  # chat: vLLM's "prepend the last message"
     "add_special_tokens": False,  # chat: the template adds what the model needs
     "continue_final_message": False,
-    "return_tokens_as_token_ids": False,
     "documents": [],
     "chat_template_kwargs": {},
     "mm_processor_kwargs": {},

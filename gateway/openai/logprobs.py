@@ -18,23 +18,32 @@ class TokenTexts(Protocol):
     def token_text(self, token_id: int) -> str: ...
 
 
+def _name(tokenizer: TokenTexts, token_id: int, as_ids: bool) -> str:
+    """How a token is shown: its text, or vLLM's `token_id:N` (return_tokens_as_token_ids)."""
+    return f"token_id:{token_id}" if as_ids else tokenizer.token_text(token_id)
+
+
 def completion_logprobs(
-    tokenizer: TokenTexts, logprobs: Sequence[TokenLogprob], text_offset: int
+    tokenizer: TokenTexts,
+    logprobs: Sequence[TokenLogprob],
+    text_offset: int,
+    as_ids: bool = False,
 ) -> dict[str, Any]:
     """{tokens, token_logprobs, top_logprobs, text_offset}, offsets starting at `text_offset`.
 
     As vLLM: each `top_logprobs` entry holds the sampled token and the top-N (up to N + 1
-    entries; `logprobs: 0` gives the sampled token's alone)."""
+    entries; `logprobs: 0` gives the sampled token's alone). `as_ids`: tokens are named
+    `token_id:N`; offsets still count the tokens' text."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for lp in logprobs:
-        token = tokenizer.token_text(lp.token_id)
+        token = _name(tokenizer, lp.token_id, as_ids)
         tokens.append(token)
         token_logprobs.append(_finite(lp.logprob))
         top = {token: _finite(lp.logprob)}
-        top.update((tokenizer.token_text(t), _finite(v)) for t, v in lp.top)
+        top.update((_name(tokenizer, t, as_ids), _finite(v)) for t, v in lp.top)
         tops.append(top)
         offsets.append(text_offset)
-        text_offset += len(token)
+        text_offset += len(tokenizer.token_text(lp.token_id))
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,
@@ -43,16 +52,20 @@ def completion_logprobs(
     }
 
 
-def chat_logprobs(tokenizer: TokenTexts, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
-    return {"content": [_chat_entry(tokenizer, lp) for lp in logprobs]}
+def chat_logprobs(
+    tokenizer: TokenTexts, logprobs: Sequence[TokenLogprob], as_ids: bool = False
+) -> dict[str, Any]:
+    return {"content": [_chat_entry(tokenizer, lp, as_ids) for lp in logprobs]}
 
 
-def _chat_entry(tokenizer: TokenTexts, lp: TokenLogprob) -> dict[str, Any]:
-    entry = _token_entry(tokenizer, lp.token_id, lp.logprob)
-    entry["top_logprobs"] = [_token_entry(tokenizer, t, v) for t, v in lp.top]
+def _chat_entry(tokenizer: TokenTexts, lp: TokenLogprob, as_ids: bool) -> dict[str, Any]:
+    entry = _token_entry(tokenizer, lp.token_id, lp.logprob, as_ids)
+    entry["top_logprobs"] = [_token_entry(tokenizer, t, v, as_ids) for t, v in lp.top]
     return entry
 
 
-def _token_entry(tokenizer: TokenTexts, token_id: int, logprob: float) -> dict[str, Any]:
-    token = tokenizer.token_text(token_id)
+def _token_entry(
+    tokenizer: TokenTexts, token_id: int, logprob: float, as_ids: bool
+) -> dict[str, Any]:
+    token = _name(tokenizer, token_id, as_ids)
     return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8"))}

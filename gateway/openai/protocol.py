@@ -104,6 +104,7 @@ class _SamplingRequest(_Body):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    return_tokens_as_token_ids: StrictBool = False  # logprobs name tokens `token_id:N`
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs, vLLM's older names
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None

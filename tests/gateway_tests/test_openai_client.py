@@ -149,6 +149,29 @@ def test_chat_stream_role_then_content_then_usage(gw):
     assert chunks[-1].usage.completion_tokens == 2 * n_reply(gw)
 
 
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(gw):
+    ids = gw.tok.encode(REPLY)[:3]
+    named = [f"token_id:{i}" for i in ids]
+    extra = {"return_tokens_as_token_ids": True}
+    out = gw.client.completions.create(model="tiny", prompt="hi", max_tokens=3, logprobs=1,
+                                       extra_body=extra)  # fmt: skip
+    lp = out.choices[0].logprobs
+    assert lp.tokens == named and lp.text_offset == [0, 1, 2]  # offsets count the text
+    assert all(next(iter(top)) == name for top, name in zip(lp.top_logprobs, named, strict=True))
+    stream = gw.client.completions.create(model="tiny", prompt="hi", max_tokens=3, logprobs=0,
+                                          stream=True, extra_body=extra)  # fmt: skip
+    assert [t for c in stream for t in (c.choices[0].logprobs.tokens if c.choices and
+            c.choices[0].logprobs else [])] == named  # fmt: skip
+    chat = gw.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True,
+        top_logprobs=1, extra_body=extra,
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert [e.token for e in content] == named
+    assert content[0].bytes == list(named[0].encode())
+    assert all(e.top_logprobs[0].token.startswith("token_id:") for e in content)
+
+
 def test_chat_logprobs_non_streaming(gw):
     out = gw.client.chat.completions.create(
         model="tiny",

@@ -63,7 +63,7 @@ COMMON = [
     ("priority", 1, META, {}),
     ("request_id", "r1", META, {}),
     ("logits_processors", ["mod.Proc"], NO, {}),
-    ("return_tokens_as_token_ids", True, NO, {}),
+    ("return_tokens_as_token_ids", True, OK, {}),
     ("cache_salt", "salt", META, {}),
     ("kv_transfer_params", {"do_remote_decode": True}, NO, {}),
     ("vllm_xargs", {"k": 1}, NO, {}),
