@@ -79,8 +79,13 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, *, name: str = "engine-loop") -> None:
+    def __init__(
+        self, engine: LLMEngine, *, name: str = "engine-loop", step_delay_s: float = 0.0
+    ) -> None:
+        if step_delay_s < 0:
+            raise ValueError(f"step_delay_s must be >= 0, got {step_delay_s}")
         self.engine = engine
+        self._step_delay_s = step_delay_s  # debug: sleep after every step (wide fault windows)
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # touched only by the engine thread
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -210,6 +215,8 @@ class EngineLoop:
             return
         for out in outputs:
             self._deliver(out)
+        if self._step_delay_s:
+            time.sleep(self._step_delay_s)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)

@@ -70,6 +70,9 @@ def _add_decode_kv_args(g) -> None:
         help="auto: shared memory with a prefill worker on this host, else gRPC",
     )
     _add_chunk_arg(g)
+    g.add_argument(
+        "--debug-step-delay-ms", type=int, default=0, help="debug: sleep after every engine step"
+    )
 
 
 def _add_chunk_arg(g) -> None:
@@ -110,6 +113,7 @@ def config_from_args(role: str, args: argparse.Namespace, cluster_secret=None):
         peer_tls_cert=args.tls_cert if mtls else None,
         peer_tls_key=args.tls_key if mtls else None,
         max_chunk_bytes=args.kv_max_chunk_bytes,
+        step_delay_ms=getattr(args, "debug_step_delay_ms", 0),
         engine_id=args.engine_id,
         drain_timeout_s=args.drain_timeout,
         cluster_secret=cluster_secret,

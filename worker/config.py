@@ -56,9 +56,12 @@ class DecodeWorkerConfig:
     engine_id: str | None = None
     drain_timeout_s: float = 30.0
     max_logprobs: int = MAX_LOGPROBS  # requests asking for more logprobs: INVALID_ARGUMENT
+    step_delay_ms: int = 0  # debug: sleep after every engine step (tests that kill mid-decode)
 
     def __post_init__(self) -> None:
         _check_max_logprobs(self.max_logprobs)
+        if self.step_delay_ms < 0:
+            raise ValueError(f"step_delay_ms must be >= 0, got {self.step_delay_ms}")
         if self.kv_transport not in TRANSPORT_CHOICES:
             raise ValueError(
                 f"kv_transport must be one of {TRANSPORT_CHOICES}, got {self.kv_transport!r}"
@@ -83,4 +86,3 @@ class BothWorkerConfig:
     def __post_init__(self) -> None:
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
-

@@ -66,7 +66,9 @@ class DecodeWorker:
         instead of pulled. Whoever made the loop starts and stops it."""
         self.config = config
         self._owns_loop = engine_loop is None
-        self.engine_loop = engine_loop or EngineLoop(engine, name="decode-engine")
+        self.engine_loop = engine_loop or EngineLoop(
+            engine, name="decode-engine", step_delay_s=config.step_delay_ms / 1000
+        )
         self.identity = identity or new_identity(self.role, config.engine_id)
         layout = KVLayout.from_spec(engine.kv_spec, engine.model_fingerprint)
         self.paged = PagedKV(engine.kv_cache, layout)

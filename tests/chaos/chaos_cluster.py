@@ -41,6 +41,9 @@ MODEL_NAME = "tiny"
 # The shared cluster's settings (see conftest.py), here so test modules can import them.
 P0_LEASE_MS = 4000
 P0_TRANSFER_DELAY_MS = 100
+# The tiny model decodes faster than a test can look: without a floor per step, 440 tokens can
+# be done before a poll sees them running.
+DECODE_STEP_DELAY_MS = 3
 SMALL_MAX_PENDING = 4
 START_TIMEOUT_S = 180.0  # cold start of several torch processes on 2 busy cores
 _PR_SET_PDEATHSIG = 1

@@ -3,8 +3,8 @@ part on a small CPU machine); tests kill parts of it and `up` restores it before
 
     p0  prefill  lease 4 s, every KV chunk delayed 100 ms (wide windows for faults mid-transfer)
     p1  prefill  lease 1 ms, freed blocks overwritten with NaN, no prefix cache (lease expiry)
-    d0  decode
-    d1  decode
+    d0  decode   3 ms after every engine step (a long stream stays on it for seconds)
+    d1  decode   the same
     main     gateway: p0 + d0, d1
     lease    gateway: p1 + d0
     small    gateway: p0 + d1, --max-pending 4 (overload), with its gRPC front door
@@ -19,7 +19,13 @@ import os
 from pathlib import Path
 
 import pytest
-from chaos_cluster import P0_LEASE_MS, P0_TRANSFER_DELAY_MS, SMALL_MAX_PENDING, Cluster
+from chaos_cluster import (
+    DECODE_STEP_DELAY_MS,
+    P0_LEASE_MS,
+    P0_TRANSFER_DELAY_MS,
+    SMALL_MAX_PENDING,
+    Cluster,
+)
 
 _CLUSTERS: list[Cluster] = []
 _HERE = Path(__file__).resolve().parent
@@ -42,8 +48,8 @@ def cluster(tiny_llama, tmp_path_factory):
                  "--debug-transfer-delay-ms", str(P0_TRANSFER_DELAY_MS))  # fmt: skip
     c.add_worker("p1", "prefill", "--kv-lease-ms", "1", "--debug-fill-freed-kv",
                  "--no-enable-prefix-caching")  # fmt: skip
-    c.add_worker("d0", "decode")
-    c.add_worker("d1", "decode")
+    c.add_worker("d0", "decode", "--debug-step-delay-ms", str(DECODE_STEP_DELAY_MS))
+    c.add_worker("d1", "decode", "--debug-step-delay-ms", str(DECODE_STEP_DELAY_MS))
     c.add_gateway("main", ["p0"], ["d0", "d1"])
     c.add_gateway("lease", ["p1"], ["d0"])
     c.add_gateway("small", ["p0"], ["d1"], "--max-pending", str(SMALL_MAX_PENDING), grpc=True)

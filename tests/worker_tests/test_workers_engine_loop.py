@@ -159,3 +159,23 @@ def test_call_runs_on_the_engine_thread():
             loop.stop()
 
     asyncio.run(main())
+
+
+def test_a_step_delay_spaces_the_steps_and_a_negative_one_is_refused():
+    with pytest.raises(ValueError, match="step_delay_s"):
+        EngineLoop(ScriptedEngine(), step_delay_s=-1)
+
+    async def main():
+        loop = EngineLoop(ScriptedEngine(), step_delay_s=0.02)
+        loop.start()
+        try:
+            stream = RequestStream(asyncio.get_running_loop())
+            start = time.monotonic()
+            await asyncio.wrap_future(loop.add_request("a", [1], params(5), stream))
+            outs = await collect(stream)
+            # Five steps, each followed by the delay (the last one's may still be running).
+            assert len(outs) == 5 and time.monotonic() - start >= 4 * 0.02
+        finally:
+            loop.stop()
+
+    asyncio.run(main())
