@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -59,7 +60,21 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[LLMOutput]:
+        """Render each conversation with the model's chat template (as vLLM's `LLM.chat`):
+        `continue_final_message` ends the prompt inside the last message so the model goes on
+        writing it (it needs `add_generation_prompt=False`); `tools` and
+        `chat_template_kwargs` reach the template."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        kwargs = dict(chat_template_kwargs or {})
+        taken = sorted(set(kwargs) & {"conversation", "messages", "tools", "add_generation_prompt",
+                                      "continue_final_message", "tokenize", "chat_template"})  # fmt: skip
+        if taken:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(taken)}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in conversations:
@@ -67,8 +82,11 @@ class LLM:
                 conv,
                 chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
                 tokenize=True,
                 return_dict=False,
+                **kwargs,
             )
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]

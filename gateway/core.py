@@ -186,10 +186,14 @@ class GatewayCore:
             check_text(message.role, "messages")
         try:
             return self.tokenizer.apply_chat_template(
-                prompt.messages, prompt.add_generation_prompt, prompt.tools
+                prompt.messages,
+                prompt.add_generation_prompt,
+                prompt.tools,
+                continue_final_message=prompt.continue_final_message,
+                template_kwargs=dict(prompt.template_kwargs),
             )
         except ChatTemplateError as exc:
-            raise invalid(str(exc), "messages") from exc
+            raise invalid(str(exc), exc.param) from exc
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a clean-up call in the background; it survives the request's cancellation."""

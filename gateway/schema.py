@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from contract.finish import FinishReason as FinishReason  # the gateway names it from here
 from contract.structured import StructuredOutputs
@@ -67,6 +68,8 @@ class ChatPrompt:
     messages: tuple[ChatMessage, ...]
     add_generation_prompt: bool = True
     tools: tuple[dict, ...] = ()  # OpenAI tool objects, handed to the chat template
+    continue_final_message: bool = False  # the model goes on writing the last message
+    template_kwargs: tuple[tuple[str, Any], ...] = ()  # more chat-template variables
 
 
 Prompt = TextPrompt | TokenPrompt | ChatPrompt

@@ -11,7 +11,7 @@ the way transformers sets it up (trim_blocks, lstrip_blocks, `raise_exception`, 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -50,7 +50,12 @@ class ModelFacts:
 
 
 class ChatTemplateError(ValueError):
-    """The chat template is missing or failed to render these messages."""
+    """The chat template is missing or failed to render these messages; `param` names the
+    request field at fault."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class GatewayTokenizer:
@@ -115,16 +120,37 @@ class GatewayTokenizer:
         messages: Sequence[ChatMessage],
         add_generation_prompt: bool = True,
         tools: Sequence[dict] = (),
+        *,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
-        """Render the conversation to text (tokenize it with add_special_tokens=False)."""
+        """Render the conversation to text (tokenize it with add_special_tokens=False).
+
+        `continue_final_message`: end the text inside the last message, so the model goes on
+        writing it (no end-of-turn marker, no new turn). `template_kwargs`: more variables for
+        the template (e.g. a model's `enable_thinking`); they may not replace the ones set here.
+        """
         if self._template is None:
             raise ChatTemplateError(
                 "the model has no chat template; start the gateway with --chat-template"
             )
+        if continue_final_message and add_generation_prompt:
+            raise ChatTemplateError(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                "continue_final_message",
+            )
+        extra = dict(template_kwargs or {})
+        taken = sorted(set(extra) & (_TEMPLATE_VARIABLES | set(self._special)))
+        if taken:
+            raise ChatTemplateError(
+                f"chat_template_kwargs may not set {', '.join(taken)}: the server sets them",
+                "chat_template_kwargs",
+            )
+        if tools:
+            extra["tools"] = list(tools)
         plain = [_message_dict(m) for m in messages]
-        extra = {"tools": list(tools)} if tools else {}
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=plain,
                 add_generation_prompt=add_generation_prompt,
                 **extra,
@@ -132,6 +158,33 @@ class GatewayTokenizer:
             )
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the chat template failed on these messages: {exc}") from exc
+        return _cut_after_final(text, messages[-1].content) if continue_final_message else text
+
+
+# Variables the gateway itself hands to the chat template.
+_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "tools"})
+
+
+def _cut_after_final(text: str, final: str) -> str:
+    """The rendered chat up to the end of the final message's content, dropping whatever the
+    template put after it (an end-of-turn token, a newline). Templates that trim a message's
+    surrounding whitespace are handled by matching its stripped content."""
+    core = final.strip()
+    if not core:
+        raise ChatTemplateError(
+            "continue_final_message needs a final message with content", "messages"
+        )
+    at = text.rfind(core)
+    if at < 0:
+        raise ChatTemplateError(
+            "continue_final_message: the chat template does not render the final message's "
+            "content verbatim, so there is no place to continue it from"
+        )
+    # Keep trailing whitespace of the message when the template kept it too.
+    kept = final.lstrip()
+    if text[at : at + len(kept)] == kept:
+        return text[: at + len(kept)]
+    return text[: at + len(core)]
 
 
 def _message_dict(m: ChatMessage) -> dict[str, Any]:

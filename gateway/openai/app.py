@@ -25,6 +25,7 @@ from gateway.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    chat_prompt,
 )
 from gateway.openai.slow_clients import BodyTimeoutMiddleware
 from gateway.openai.streaming import ClientDisconnected
@@ -107,7 +108,9 @@ def _add_tokenizer_routes(app: FastAPI, core: GatewayCore) -> None:
             raise invalid("give exactly one of prompt or messages", "prompt")
         if body.messages is not None:
             messages = tuple(m.to_chat_message() for m in body.messages)
-            prompt: TextPrompt | ChatPrompt = ChatPrompt(messages, body.add_generation_prompt)
+            if not messages:
+                raise invalid("messages must not be empty", "messages")
+            prompt: TextPrompt | ChatPrompt = chat_prompt(body, messages)
         else:
             prompt = TextPrompt(body.prompt or "", body.add_special_tokens)
         tokens = await core.tokenize_off_loop(prompt)

@@ -16,7 +16,7 @@ from gateway.openai.protocol import ChatCompletionRequest
 from gateway.openai.streaming import DONE, merged, sse, start_sse, unless_disconnected
 from gateway.openai.tools import ToolPlan, call_objects, plan_tools
 from gateway.request_run import RequestRun
-from gateway.schema import ChatPrompt, GenerateRequest
+from gateway.schema import GenerateRequest
 
 
 async def create_chat_completion(
@@ -32,7 +32,7 @@ async def create_chat_completion(
         config.enable_auto_tool_choice,
     )
     params = body.to_params(plan.constraint(), core.limits.max_logprobs)
-    prompt = ChatPrompt(body.chat_messages(), body.add_generation_prompt, plan.tools)
+    prompt = body.chat_prompt(plan.tools)
     runs = await open_runs(core, [GenerateRequest(prompt, params)])
     meta = ResponseMeta.new("chatcmpl", core.config.model_name)
     if body.stream:

@@ -46,9 +46,7 @@ NO_OP: dict[str, Any] = {
     "include_reasoning": True,
     "echo": False,  # chat: vLLM's "prepend the last message"
     "add_special_tokens": False,  # chat: the template adds what the model needs
-    "continue_final_message": False,
     "documents": [],
-    "chat_template_kwargs": {},
     "mm_processor_kwargs": {},
     "functions": [],
     "logits_processors": [],

@@ -7,6 +7,7 @@ A field a model does not declare is refused unless it cannot change the output
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from contract.limits import MAX_LOGPROBS
 from contract.structured import StructuredOutputs
 from gateway.errors import invalid
 from gateway.openai.fields import refuse_unsupported
-from gateway.schema import ChatMessage, GenerationParams, ToolCall
+from gateway.schema import ChatMessage, ChatPrompt, GenerationParams, ToolCall
 from gateway.validation import check_structured_outputs
 
 
@@ -253,6 +254,8 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: StrictBool = False
     top_logprobs: int | None = None
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
@@ -296,6 +299,9 @@ class ChatCompletionRequest(_SamplingRequest):
     def chat_messages(self) -> tuple[ChatMessage, ...]:
         return tuple(m.to_chat_message() for m in self.messages)
 
+    def chat_prompt(self, tools: Sequence[dict] = ()) -> ChatPrompt:
+        return chat_prompt(self, self.chat_messages(), tools)
+
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # no output to change
@@ -304,6 +310,30 @@ class TokenizeRequest(BaseModel):
     messages: list[Message] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+def chat_prompt(
+    body: ChatCompletionRequest | TokenizeRequest,
+    messages: tuple[ChatMessage, ...],
+    tools: Sequence[dict] = (),
+) -> ChatPrompt:
+    """The prompt a chat request renders: vLLM's rule that a continued final message gets no
+    generation prompt is checked here, naming the field."""
+    if body.continue_final_message and body.add_generation_prompt:
+        raise invalid(
+            "continue_final_message and add_generation_prompt cannot both be true "
+            "(set add_generation_prompt to false to continue the last message)",
+            "continue_final_message",
+        )
+    return ChatPrompt(
+        messages,
+        body.add_generation_prompt,
+        tuple(tools),
+        body.continue_final_message,
+        tuple((body.chat_template_kwargs or {}).items()),
+    )
 
 
 class DetokenizeRequest(BaseModel):

@@ -233,6 +233,33 @@ def test_chat_applies_template(llm):
     assert llm.tokenizer.decode(ids).startswith("<|im_start|>user\nhello<|im_end|>")
 
 
+def test_chat_continues_the_final_message_and_passes_tools_and_template_kwargs(llm):
+    conversation = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Hi, I am"},
+    ]
+    params = SamplingParams(temperature=0, max_tokens=2)
+    (out,) = llm.chat(
+        conversation, params, use_tqdm=False, add_generation_prompt=False,
+        continue_final_message=True,
+    )  # fmt: skip
+    assert llm.tokenizer.decode(out.prompt_token_ids).endswith("<|im_start|>assistant\nHi, I am")
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(conversation, params, use_tqdm=False, continue_final_message=True)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    template = (
+        "{% for t in tools or [] %}[{{ t['function']['name'] }}]{% endfor %}"
+        "{% if shout %}!{% endif %}{{ messages[-1]['content'] }}"
+    )
+    (out,) = llm.chat(
+        conversation[:1], params, use_tqdm=False, chat_template=template, tools=[tool],
+        chat_template_kwargs={"shout": True},
+    )  # fmt: skip
+    assert llm.tokenizer.decode(out.prompt_token_ids) == "[get_weather]!hello"
+    with pytest.raises(ValueError, match="may not set tools"):
+        llm.chat(conversation, params, use_tqdm=False, chat_template_kwargs={"tools": []})
+
+
 def test_bounded_waiting_queue(tiny_llama):
     engine = LLMEngine(EngineConfig(model=str(tiny_llama), kv_cache_memory=1 << 20, max_waiting=2))
     engine.add_request("a", [1, 2], GREEDY)

@@ -77,3 +77,42 @@ def test_template_sandbox_blocks_attribute_escapes(tmp_path):
     evil = "{{ messages.__class__.__mro__ }}"
     with pytest.raises(ChatTemplateError):
         GatewayTokenizer(folder, evil).apply_chat_template([ChatMessage("user", "x")])
+
+
+@pytest.mark.parametrize("final", ["Sure, the answer is", "  spaced out  ", "line\n"])
+def test_continue_final_message_matches_transformers(folder, final):
+    from transformers import AutoTokenizer
+
+    ours, theirs = GatewayTokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    conversation = [*CONVERSATION, ChatMessage("assistant", final)]
+    plain = [{"role": m.role, "content": m.content} for m in conversation]
+    want = theirs.apply_chat_template(
+        plain, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    got = ours.apply_chat_template(conversation, False, continue_final_message=True)
+    assert got == want
+    assert got.endswith(final.strip()) or got.endswith(final.lstrip())
+    closed = ours.apply_chat_template(conversation, False)
+    assert closed.startswith(got) and len(closed) > len(got)  # the end-of-turn marker is gone
+
+
+def test_continue_final_message_refusals(folder):
+    tok = GatewayTokenizer(folder)
+    with pytest.raises(ChatTemplateError, match="cannot both be true"):
+        tok.apply_chat_template(CONVERSATION, True, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="needs a final message with content"):
+        tok.apply_chat_template(
+            [*CONVERSATION, ChatMessage("assistant", " ")], False, continue_final_message=True
+        )
+
+
+def test_template_kwargs_reach_the_template_and_may_not_replace_the_servers(tmp_path):
+    folder = build_tiny_model_folder(tmp_path)
+    template = "{% if shout %}LOUD {% endif %}{{ messages[-1]['content'] }}"
+    tok = GatewayTokenizer(folder, chat_template=template)
+    message = [ChatMessage("user", "x")]
+    assert tok.apply_chat_template(message, template_kwargs={"shout": True}) == "LOUD x"
+    assert tok.apply_chat_template(message, template_kwargs={"shout": False}) == "x"
+    for name in ("messages", "add_generation_prompt", "tools", "eos_token"):
+        with pytest.raises(ChatTemplateError, match=f"may not set {name}"):
+            tok.apply_chat_template(message, template_kwargs={name: 1})

@@ -112,6 +112,41 @@ def test_chat(gw):
     )
 
 
+def test_chat_continue_final_message_and_template_kwargs(gw):
+    messages = [
+        {"role": "user", "content": "Say hello"},
+        {"role": "assistant", "content": "Hello, my name"},
+    ]
+    out = gw.client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=4,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                    "chat_template_kwargs": {"enable_thinking": False}},
+    )  # fmt: skip
+    assert out.choices[0].message.content == "Hello"
+    prompt = gw.decode.calls.decodes[-1].prompt_token_ids
+    assert gw.tok.decode(prompt, skip_special_tokens=False) == (
+        "<|im_start|>user\nSay hello<|im_end|>\n<|im_start|>assistant\nHello, my name"
+    )
+    tokenized = httpx.post(f"{gw.http_url}/tokenize", json={
+        "messages": messages, "continue_final_message": True, "add_generation_prompt": False,
+    }).json()  # fmt: skip
+    assert tokenized["tokens"] == list(prompt)
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=4,
+            extra_body={"continue_final_message": True},  # add_generation_prompt defaults to true
+        )  # fmt: skip
+    assert err.value.body["param"] == "continue_final_message"
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=4,
+            extra_body={"chat_template_kwargs": {"messages": []}},
+        )  # fmt: skip
+    assert err.value.body["param"] == "chat_template_kwargs"
+
+
 def test_chat_text_parts_and_max_completion_tokens(gw):
     out = gw.client.chat.completions.create(
         model="tiny",
