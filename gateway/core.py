@@ -110,6 +110,7 @@ class GatewayCore:
             prompt_ids = await self.tokenize_off_loop(request.prompt)
         finally:
             del self._opening[request_id]
+        prompt_ids = self._truncate(prompt_ids, request.truncate_prompt_tokens)
         max_tokens = resolve_max_tokens(
             len(prompt_ids), request.params.max_tokens, self.max_model_len
         )
@@ -127,6 +128,21 @@ class GatewayCore:
         self._runs[request_id] = run
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         return run
+
+    def _truncate(self, prompt_ids: list[int], keep: int | None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the last `keep` tokens (-1: as many as the context
+        holds); the rest is cut from the left."""
+        if keep is None:
+            return prompt_ids
+        if keep == -1:
+            keep = self.max_model_len
+        if not 1 <= keep <= self.max_model_len:
+            raise invalid(
+                f"truncate_prompt_tokens must be -1 or in [1, {self.max_model_len}] "
+                f"(the context length), got {keep}",
+                "truncate_prompt_tokens",
+            )
+        return prompt_ids[-keep:]
 
     def abort(self, request_id: str) -> bool:
         """Abort a request in flight (its stream ends with finish reason "abort")."""

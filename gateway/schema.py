@@ -81,6 +81,7 @@ class GenerateRequest:
     params: GenerationParams = field(default_factory=GenerationParams)
     request_id: str | None = None  # None: the gateway makes one
     timeout_s: float | None = None  # the client's deadline, if it set one
+    truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens (-1: the context)
 
 
 @dataclass(slots=True, frozen=True)

@@ -33,7 +33,8 @@ async def create_chat_completion(
     )
     params = body.to_params(plan.constraint(), core.limits.max_logprobs)
     prompt = body.chat_prompt(plan.tools)
-    runs = await open_runs(core, [GenerateRequest(prompt, params)])
+    generate = GenerateRequest(prompt, params, truncate_prompt_tokens=body.truncate_prompt_tokens)
+    runs = await open_runs(core, [generate])
     meta = ResponseMeta.new("chatcmpl", core.config.model_name)
     if body.stream:
         events = _events(core, meta, runs[0], plan, body.include_usage, body.continuous_usage,

@@ -25,10 +25,14 @@ async def create_completion(
     check_model(core, body.model)
     params = body.to_params()
     prompts = _prompts(body.prompt, body.add_special_tokens)
-    runs = await open_runs(core, [GenerateRequest(p, params) for p in prompts])
+    keep = body.truncate_prompt_tokens
+    runs = await open_runs(
+        core, [GenerateRequest(p, params, truncate_prompt_tokens=keep) for p in prompts]
+    )
     meta = ResponseMeta.new("cmpl", core.config.model_name)
     echoes = [
-        _echo_text(core, p, r) if body.echo else "" for p, r in zip(prompts, runs, strict=True)
+        _echo_text(core, p, r, truncated=keep is not None) if body.echo else ""
+        for p, r in zip(prompts, runs, strict=True)
     ]
     if body.stream:
         events = _events(core, meta, runs, echoes, body.include_usage, body.continuous_usage,
@@ -54,8 +58,9 @@ def _prompts(
     return [TokenPrompt(tuple(p)) for p in prompt]  # type: ignore[arg-type]
 
 
-def _echo_text(core: GatewayCore, prompt: Prompt, run: RequestRun) -> str:
-    if isinstance(prompt, TextPrompt):
+def _echo_text(core: GatewayCore, prompt: Prompt, run: RequestRun, *, truncated: bool) -> str:
+    """The prompt as the model saw it: its text, or its tokens decoded once truncated."""
+    if isinstance(prompt, TextPrompt) and not truncated:
         return prompt.text
     return core.tokenizer.decode(run.prompt_ids, skip_special_tokens=False)
 

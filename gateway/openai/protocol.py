@@ -106,6 +106,7 @@ class _SamplingRequest(_Body):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_tokens_as_token_ids: StrictBool = False  # logprobs name tokens `token_id:N`
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens (-1: the context)
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs, vLLM's older names
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None

@@ -82,6 +82,28 @@ def test_completion_n2_and_several_prompts(gw):
     assert len(out.choices) == 2 and out.usage.prompt_tokens == 3
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(gw):
+    ids = gw.tok.encode(LONG_PROMPT)
+    out = gw.client.completions.create(
+        model="tiny", prompt=LONG_PROMPT, max_tokens=2, echo=True,
+        extra_body={"truncate_prompt_tokens": 3},
+    )  # fmt: skip
+    assert list(gw.decode.calls.decodes[-1].prompt_token_ids) == ids[-3:]
+    assert out.usage.prompt_tokens == 3
+    assert out.choices[0].text == gw.tok.decode(ids[-3:], skip_special_tokens=False) + "He"
+    chat = gw.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Say hello"}], max_tokens=2,
+        extra_body={"truncate_prompt_tokens": -1},  # the whole context: nothing cut here
+    )  # fmt: skip
+    assert chat.usage.prompt_tokens == len(gw.decode.calls.decodes[-1].prompt_token_ids) > 3
+    for bad in (0, -2, 10**9):
+        with pytest.raises(openai.BadRequestError) as err:
+            gw.client.completions.create(
+                model="tiny", prompt="hi", max_tokens=2, extra_body={"truncate_prompt_tokens": bad}
+            )
+        assert err.value.body["param"] == "truncate_prompt_tokens"
+
+
 def test_completion_stop_echo_and_logprobs(gw):
     out = gw.client.completions.create(
         model="tiny", prompt="hi", max_tokens=30, stop=["wor"], echo=True

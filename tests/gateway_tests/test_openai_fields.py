@@ -56,7 +56,7 @@ COMMON = [
     ("use_beam_search", True, NO, {}),
     ("length_penalty", 0.5, NO, {}),
     ("spaces_between_special_tokens", False, NO, {}),
-    ("truncate_prompt_tokens", 4, NO, {}),
+    ("truncate_prompt_tokens", 4, OK, {}),
     ("prompt_logprobs", 1, NO, {}),
     ("allowed_token_ids", [5, 6], NO, {}),
     ("bad_words", ["x"], NO, {}),
