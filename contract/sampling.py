@@ -70,12 +70,16 @@ SAMPLING_FIELDS: tuple[SamplingField, ...] = (
         True,
         StructuredOutputs(regex="a", json_object=True),
     ),
+    # Token edits before the draw: only these tokens (empty: all), and a bias added to the
+    # logits (vLLM clamps each to [-100, 100]; the gateway takes OpenAI's string keys).
+    SamplingField("allowed_token_ids", (), (2, 3, 5), True, (-1,), UINT32),
+    SamplingField("logit_bias", {}, {2: 1.5, 3: -100.0}, True, {-1: 1.0}),
 )
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in SAMPLING_FIELDS)
 WORKER_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in SAMPLING_FIELDS if f.to_worker)
 # Fields a layer may have beyond the contract, each with the reason.
-GATEWAY_ONLY = {"logit_bias": "accepted by the OpenAI routes and refused when non-empty"}
+GATEWAY_ONLY: dict[str, str] = {}
 
 
 def field(name: str) -> SamplingField:

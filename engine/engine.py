@@ -392,11 +392,14 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_prompt(prompt_token_ids)
-        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad_stop:
-            raise ValueError(
-                f"stop_token_ids {bad_stop} outside the vocabulary [0, {self.vocab_size})"
-            )
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("allowed_token_ids", params.allowed_token_ids),
+            ("logit_bias", list(params.logit_bias)),
+        ):
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} {bad} outside the vocabulary [0, {self.vocab_size})")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
         request = Request(request_id, list(prompt_token_ids), params, prefill_only=prefill_only)

@@ -1,7 +1,7 @@
 """Vectorised sampling for one batch of rows (one row per request that samples this step).
 
-Order: penalties -> min_tokens masking -> structured-output bitmask -> temperature ->
-top-k / top-p / min-p -> draw.
+Order: penalties -> logit_bias -> allowed_token_ids -> min_tokens masking -> structured-output
+bitmask -> temperature -> top-k / top-p / min-p -> draw.
 Greedy rows take argmax. Seeded rows draw with their own torch.Generator, so a seeded request
 is reproducible whatever else shares the batch; the others share the engine's generator.
 Logprobs are those of the model's raw distribution (log_softmax of the logits), as vLLM reports.
@@ -51,6 +51,7 @@ class Sampler:
             logits = logits.clone()
         if edits:
             logits = self._apply_penalties(logits, requests)
+            _apply_token_edits(logits, requests)
             self._mask_early_stop(logits, requests)
         if bitmask is not None:
             apply_bitmask(logits, bitmask)
@@ -70,6 +71,7 @@ class Sampler:
             logits = logits.clone()
         if edits:
             logits = self._apply_penalties(logits, rows)
+            _apply_token_edits(logits, rows)
             self._mask_early_stop(logits, rows)
         if bitmask is not None:
             apply_bitmask(logits, bitmask)
@@ -158,8 +160,30 @@ def _has_penalties(p) -> bool:
 
 
 def _edits_logits(r: Request) -> bool:
-    """Penalties or min_tokens masking change this request's row before the draw."""
-    return _has_penalties(r.params) or r.num_output_tokens < r.params.min_tokens
+    """Penalties, logit_bias, allowed_token_ids or min_tokens masking change this request's row
+    before the draw."""
+    p = r.params
+    return (
+        _has_penalties(p)
+        or bool(p.logit_bias or p.allowed_token_ids)
+        or r.num_output_tokens < p.min_tokens
+    )
+
+
+def _apply_token_edits(logits: torch.Tensor, requests: list) -> None:
+    """logit_bias is added to its tokens' logits; with allowed_token_ids every other token is
+    -inf. Ids past the logits' width are dropped (the engine refuses them at admission)."""
+    width = logits.shape[1]
+    for i, r in enumerate(requests):
+        p = r.params
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < width]
+            logits[i, ids] += torch.tensor([p.logit_bias[t] for t in ids])
+        if p.allowed_token_ids:
+            keep = torch.tensor([t for t in p.allowed_token_ids if t < width], dtype=torch.long)
+            row = torch.full((width,), float("-inf"))
+            row[keep] = logits[i, keep]
+            logits[i] = row
 
 
 def _filter(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

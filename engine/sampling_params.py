@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from contract.limits import MAX_LOGPROBS as _MAX_LOGPROBS
@@ -32,12 +33,20 @@ class SamplingParams:
     )
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None  # compiled by the engine (xgrammar)
+    allowed_token_ids: list[int] = field(default_factory=list)  # non-empty: only these
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.allowed_token_ids = list(self.allowed_token_ids or [])
+        # vLLM's clamp: a bias outside [-100, 100] acts as the bound.
+        self.logit_bias = {
+            k: min(100.0, max(-100.0, float(v))) if math.isfinite(v) else float(v)
+            for k, v in (self.logit_bias or {}).items()
+        }
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -79,6 +88,18 @@ class SamplingParams:
                 all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids must be non-negative integers",
             ),
+            (
+                all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids),
+                "allowed_token_ids must be non-negative integers",
+            ),
+            (
+                all(isinstance(t, int) and t >= 0 for t in self.logit_bias),
+                "logit_bias keys must be non-negative token ids",
+            ),
+            (
+                all(math.isfinite(v) for v in self.logit_bias.values()),
+                "logit_bias values must be finite numbers",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,5 +117,7 @@ class SamplingParams:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
         values["stop"] = list(self.stop)
         values["stop_token_ids"] = list(self.stop_token_ids)
+        values["allowed_token_ids"] = list(self.allowed_token_ids)
+        values["logit_bias"] = dict(self.logit_bias)
         values.update(changes)
         return SamplingParams(**values)

@@ -31,7 +31,8 @@ class GenerationParams:
     skip_special_tokens: bool = True
     n: int = 1
     structured_outputs: StructuredOutputs | None = None  # checked here, compiled by the engine
-    logit_bias: dict[int, float] = field(default_factory=dict)  # refused when non-empty
+    allowed_token_ids: tuple[int, ...] = ()  # non-empty: only these tokens may be sampled
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits
 
 
 @dataclass(slots=True, frozen=True)

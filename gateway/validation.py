@@ -75,9 +75,10 @@ def validate_params(p: GenerationParams, limits: Limits) -> None:
     _check_stops(p, limits)
     if p.structured_outputs is not None:
         check_structured_outputs(p.structured_outputs, "structured_outputs")
-    if p.logit_bias:
-        check_token_ids(list(p.logit_bias), limits.vocab_size, "logit_bias")
-        raise invalid("logit_bias is not supported by this server's workers", "logit_bias")
+    check_token_ids(p.allowed_token_ids, limits.vocab_size, "allowed_token_ids")
+    check_token_ids(list(p.logit_bias), limits.vocab_size, "logit_bias")
+    for bias in p.logit_bias.values():
+        _require(math.isfinite(bias), f"logit_bias values must be finite, got {bias}", "logit_bias")
     check_wire_ranges(p)  # last: the checks above give the more specific messages
 
 

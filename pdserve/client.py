@@ -55,6 +55,8 @@ class GenerationOptions:
     skip_special_tokens: bool | None = None
     n: int | None = None
     structured_outputs: StructuredOutputs | None = None  # json / regex / choice / grammar
+    allowed_token_ids: tuple[int, ...] = ()  # non-empty: only these tokens may be sampled
+    logit_bias: Mapping[int, float] | None = None  # token id -> bias added to its logit
 
 
 @dataclass(slots=True, frozen=True)

@@ -19,10 +19,12 @@ _MESSAGES: dict[str, type] = {"StructuredOutputs": StructuredOutputs}
 
 def fields_from_pb(message: Any) -> dict[str, Any]:
     """The fields that are set (an unset `optional` is absent: the reader's default applies);
-    repeated fields always, as tuples."""
+    repeated fields always, as tuples, and maps as dicts."""
     values: dict[str, Any] = {}
     for fd in message.DESCRIPTOR.fields:
-        if _repeated(fd):
+        if _is_map(fd):
+            values[fd.name] = dict(getattr(message, fd.name))
+        elif _repeated(fd):
             values[fd.name] = tuple(getattr(message, fd.name))
         elif message.HasField(fd.name):
             value = getattr(message, fd.name)
@@ -38,7 +40,9 @@ def fields_to_pb(message: Any, values: Mapping[str, Any]) -> Any:
     for name, value in values.items():
         if value is None:
             continue
-        if _repeated(descriptor[name]):
+        if _is_map(descriptor[name]):
+            getattr(message, name).update(value)
+        elif _repeated(descriptor[name]):
             getattr(message, name).extend(value)
         elif descriptor[name].message_type is not None:  # a contract dataclass
             getattr(message, name).SetInParent()
@@ -46,6 +50,10 @@ def fields_to_pb(message: Any, values: Mapping[str, Any]) -> Any:
         else:
             setattr(message, name, value)
     return message
+
+
+def _is_map(fd: FieldDescriptor) -> bool:
+    return fd.message_type is not None and fd.message_type.GetOptions().map_entry
 
 
 def _repeated(fd: FieldDescriptor) -> bool:

@@ -26,6 +26,7 @@ def sampling_params_from_pb(
     if values.get("top_k", 0) < 0:
         values["top_k"] = 0  # vLLM: -1 disables
     values["stop_token_ids"] = list(values["stop_token_ids"])
+    values["allowed_token_ids"] = list(values["allowed_token_ids"])
     return SamplingParams(**values)
 
 

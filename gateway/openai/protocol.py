@@ -103,6 +103,7 @@ class _SamplingRequest(_Body):
     min_tokens: int = 0
     ignore_eos: StrictBool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None  # non-empty: only these tokens may be sampled
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_tokens_as_token_ids: StrictBool = False  # logprobs name tokens `token_id:N`
@@ -173,6 +174,7 @@ class _SamplingRequest(_Body):
             skip_special_tokens=self.skip_special_tokens,
             n=self.n,
             structured_outputs=self.structured(),
+            allowed_token_ids=tuple(self.allowed_token_ids or ()),
             logit_bias=_logit_bias(self.logit_bias),
         )
 

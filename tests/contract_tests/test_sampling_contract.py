@@ -79,6 +79,8 @@ def _json_value(v):
             for f in dataclasses.fields(v)
             if getattr(v, f.name) != f.default
         }
+    if isinstance(v, dict):  # logit_bias: JSON object keys are strings
+        return {str(k): x for k, x in v.items()}
     return list(v) if isinstance(v, tuple) else v
 
 

@@ -329,3 +329,27 @@ def test_num_cached_tokens_and_get_tokenizer(llm):
     assert first.num_cached_tokens == 0
     block = llm.engine.config.block_size
     assert again.num_cached_tokens == (len(PROMPTS[2]) - 1) // block * block > 0
+
+
+def test_allowed_token_ids_and_logit_bias_shape_the_draw(llm, reference):
+    allowed = [7, 9, 11]
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(
+            temperature=temperature, max_tokens=8, ignore_eos=True, allowed_token_ids=allowed,
+            seed=3,
+        )  # fmt: skip
+        assert set(generate(llm, params=params)[0]) <= set(allowed)
+    forced = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={42: 100.0})
+    assert generate(llm, params=forced)[0] == [42] * 5
+    first = reference[0][0]
+    banned = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logit_bias={first: -1e9})
+    assert banned.logit_bias == {first: -100.0}  # clamped as vLLM does
+    assert generate(llm, params=banned)[0][0] != first
+    for bad in ({"allowed_token_ids": [10**6]}, {"logit_bias": {10**6: 1.0}}):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.generate([{"prompt_token_ids": [1, 2]}], SamplingParams(**bad), use_tqdm=False)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[-1])
+    with pytest.raises(ValueError, match="finite"):
+        SamplingParams(logit_bias={1: float("nan")})
+    assert_clean(llm.engine)

@@ -206,6 +206,28 @@ def test_seeded_sampling_is_reproducible(cluster):
     assert [c.text for c in runs[0].choices] == [c.text for c in runs[1].choices]
 
 
+def test_allowed_token_ids_and_logit_bias_hold_on_both_workers(cluster):
+    """The prefill worker samples the first token, the decode worker the rest: both apply the
+    token edits, streamed or not."""
+    _, _, g = cluster
+    client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused")
+    allowed = [7, 9, 11]
+    for stream in (False, True):
+        out = client.completions.create(
+            model="tiny", prompt=LONG_PROMPT, max_tokens=6, temperature=1.0, seed=5,
+            logprobs=0, stream=stream, extra_body={"allowed_token_ids": allowed,
+                                                    "return_tokens_as_token_ids": True},
+        )  # fmt: skip
+        chunks = list(out) if stream else [out]
+        tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+        assert len(tokens) == 6 and {int(t.split(":")[1]) for t in tokens} <= set(allowed)
+    forced = client.completions.create(
+        model="tiny", prompt=LONG_PROMPT, max_tokens=4, temperature=0.0, logprobs=0,
+        extra_body={"logit_bias": {"42": 100}, "return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    assert forced.choices[0].logprobs.tokens == ["token_id:42"] * 4
+
+
 def test_disconnect_mid_stream_frees_blocks_on_both_workers(cluster):
     p, d, g = cluster
     body = {

@@ -21,7 +21,7 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}]
 COMMON = [
     ("frequency_penalty", 0.5, OK, {}),
     ("presence_penalty", 0.5, OK, {}),
-    ("logit_bias", {"5": 1.0}, NO, {}),
+    ("logit_bias", {"5": 1.0}, OK, {}),
     ("n", 2, OK, {}),
     ("seed", 7, OK, {}),
     ("stop", ["\n"], OK, {}),
@@ -58,7 +58,7 @@ COMMON = [
     ("spaces_between_special_tokens", False, NO, {}),
     ("truncate_prompt_tokens", 4, OK, {}),
     ("prompt_logprobs", 1, NO, {}),
-    ("allowed_token_ids", [5, 6], NO, {}),
+    ("allowed_token_ids", [5, 6], OK, {}),
     ("bad_words", ["x"], NO, {}),
     ("priority", 1, META, {}),
     ("request_id", "r1", META, {}),

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos.pdserve.v1 import common_pb2 as protos_dot_pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/pdserve/v1/gateway.proto\x12\npdserve.v1\x1a\x1eprotos/pdserve/v1/common.proto\"\x1a\n\x0bTokenIdList\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"u\n\nChatPrompt\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\xe9\x05\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\'\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0e\x88\x01\x01\x12\x39\n\x12structured_outputs\x18\x12 \x01(\x0b\x32\x1d.pdserve.v1.StructuredOutputsB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x04\n\x02_n\"\xc3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.pdserve.v1.TokenIdListH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.ChatPromptH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.pdserve.v1.GenerationParamsB\x08\n\x06prompt\"\xb3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1a\n\rstop_token_id\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12 \n\x05usage\x18\n \x01(\x0b\x32\x11.pdserve.v1.UsageB\x10\n\x0e_stop_token_id\")\n\x13GatewayAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\'\n\x14GatewayAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xad\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\r\n\x05max_n\x18\x05 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x32\xe6\x01\n\x07Gateway\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12J\n\x05\x41\x62ort\x12\x1f.pdserve.v1.GatewayAbortRequest\x1a .pdserve.v1.GatewayAbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/pdserve/v1/gateway.proto\x12\npdserve.v1\x1a\x1eprotos/pdserve/v1/common.proto\"\x1a\n\x0bTokenIdList\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"u\n\nChatPrompt\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\xf7\x06\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\'\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0e\x88\x01\x01\x12\x39\n\x12structured_outputs\x18\x12 \x01(\x0b\x32\x1d.pdserve.v1.StructuredOutputs\x12\x19\n\x11\x61llowed_token_ids\x18\x19 \x03(\r\x12?\n\nlogit_bias\x18\x1a \x03(\x0b\x32+.pdserve.v1.GenerationParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x04\n\x02_n\"\xc3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.pdserve.v1.TokenIdListH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.ChatPromptH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.pdserve.v1.GenerationParamsB\x08\n\x06prompt\"\xb3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x1a\n\rstop_token_id\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12 \n\x05usage\x18\n \x01(\x0b\x32\x11.pdserve.v1.UsageB\x10\n\x0e_stop_token_id\")\n\x13GatewayAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\'\n\x14GatewayAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xad\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\r\n\x05max_n\x18\x05 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x32\xe6\x01\n\x07Gateway\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12J\n\x05\x41\x62ort\x12\x1f.pdserve.v1.GatewayAbortRequest\x1a .pdserve.v1.GatewayAbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pdserve.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIDLIST']._serialized_start=79
   _globals['_TOKENIDLIST']._serialized_end=105
   _globals['_CHATMESSAGE']._serialized_start=107
@@ -39,19 +41,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATPROMPT']._serialized_start=153
   _globals['_CHATPROMPT']._serialized_end=270
   _globals['_GENERATIONPARAMS']._serialized_start=273
-  _globals['_GENERATIONPARAMS']._serialized_end=1018
-  _globals['_GENERATEREQUEST']._serialized_start=1021
-  _globals['_GENERATEREQUEST']._serialized_end=1216
-  _globals['_GENERATERESPONSE']._serialized_start=1219
-  _globals['_GENERATERESPONSE']._serialized_end=1526
-  _globals['_GATEWAYABORTREQUEST']._serialized_start=1528
-  _globals['_GATEWAYABORTREQUEST']._serialized_end=1569
-  _globals['_GATEWAYABORTRESPONSE']._serialized_start=1571
-  _globals['_GATEWAYABORTRESPONSE']._serialized_end=1610
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1612
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1633
-  _globals['_MODELINFO']._serialized_start=1636
-  _globals['_MODELINFO']._serialized_end=1809
-  _globals['_GATEWAY']._serialized_start=1812
-  _globals['_GATEWAY']._serialized_end=2042
+  _globals['_GENERATIONPARAMS']._serialized_end=1160
+  _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_start=872
+  _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_end=920
+  _globals['_GENERATEREQUEST']._serialized_start=1163
+  _globals['_GENERATEREQUEST']._serialized_end=1358
+  _globals['_GENERATERESPONSE']._serialized_start=1361
+  _globals['_GENERATERESPONSE']._serialized_end=1668
+  _globals['_GATEWAYABORTREQUEST']._serialized_start=1670
+  _globals['_GATEWAYABORTREQUEST']._serialized_end=1711
+  _globals['_GATEWAYABORTRESPONSE']._serialized_start=1713
+  _globals['_GATEWAYABORTRESPONSE']._serialized_end=1752
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1754
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1775
+  _globals['_MODELINFO']._serialized_start=1778
+  _globals['_MODELINFO']._serialized_end=1951
+  _globals['_GATEWAY']._serialized_start=1954
+  _globals['_GATEWAY']._serialized_end=2184
 # @@protoc_insertion_point(module_scope)
