@@ -7,13 +7,14 @@ Not thread-safe: one thread drives it (see engine_loop.py for the serving wrappe
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 from contract.errors import ErrorKind
+from contract.histogram import ITERATION_TOKENS_BUCKETS, QUEUE_TIME_BUCKETS, HistogramSnapshot
 from contract.limits import DEFAULT_MAX_MODEL_LEN
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
@@ -57,6 +58,13 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # ... of which were served by it
     spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
+    # Seconds from arrival to first scheduled, per request; tokens scheduled, per step.
+    queue_time: HistogramSnapshot = field(
+        default_factory=lambda: HistogramSnapshot.empty(QUEUE_TIME_BUCKETS)
+    )
+    iteration_tokens: HistogramSnapshot = field(
+        default_factory=lambda: HistogramSnapshot.empty(ITERATION_TOKENS_BUCKETS)
+    )
 
 
 @dataclass(slots=True)
@@ -260,6 +268,8 @@ class LLMEngine:
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
             spec_decode=self.speculator.stats.copy() if self.speculator else None,
+            queue_time=self.scheduler.queue_time.snapshot(),
+            iteration_tokens=self.scheduler.iteration_tokens.snapshot(),
         )
 
     # -- internals --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class Request:
     params: SamplingParams
     prefill_only: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None  # when the scheduler first gave it tokens (monotonic)
     status: RequestStatus = RequestStatus.WAITING
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0

@@ -8,9 +8,11 @@ preempted (blocks freed, recomputed later). Then waiting requests are admitted w
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from contract.histogram import ITERATION_TOKENS_BUCKETS, QUEUE_TIME_BUCKETS, Histogram
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 
@@ -59,6 +61,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Cumulative, as vLLM exports them: seconds from arrival to first scheduled, per
+        # request; tokens scheduled (prompt chunks, decode tokens, proposals), per step.
+        self.queue_time = Histogram(QUEUE_TIME_BUCKETS)
+        self.iteration_tokens = Histogram(ITERATION_TOKENS_BUCKETS)
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -72,6 +78,8 @@ class Scheduler:
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        if out.scheduled:  # the engine runs a step exactly when something is scheduled
+            self.iteration_tokens.observe(sum(s.num_new_tokens for s in out.scheduled))
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -108,10 +116,19 @@ class Scheduler:
                 request.num_cached_tokens = len(hits) * self.kv.block_size
                 self.kv.count_lookup(request.num_prompt_tokens, len(hits))
             self.waiting.popleft()
+            self._end_queue_time(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+
+    def _end_queue_time(self, request: Request) -> None:
+        """The first admission ends the queue time: the first tokens computed, or for imported
+        KV the first decode step (so a decode worker's includes pulling the KV, as vLLM's does
+        waiting for remote KV). Readmission after a preemption does not count again."""
+        if request.scheduled_time is None:
+            request.scheduled_time = time.monotonic()
+            self.queue_time.observe(request.scheduled_time - request.arrival_time)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)

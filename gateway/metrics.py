@@ -6,12 +6,15 @@ own registry, so tests can run several side by side.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from contract.histogram import HistogramSnapshot
 from gateway.worker_pool import WorkerPool
 
 _LATENCY_BUCKETS = (
@@ -154,7 +157,7 @@ class _WorkerCollector(Collector):
         self._pool = pool
         self._model = model_name
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         labels = [MODEL_LABEL, "role", "worker"]
         running = GaugeMetricFamily(
             "pdserve:num_requests_running", "Running on workers.", labels=labels
@@ -198,6 +201,7 @@ class _WorkerCollector(Collector):
             labels=labels,
         )
         spec = _SpecDecodeFamilies(labels)
+        engine = _EngineHistograms(labels)
         for w in self._pool.workers:
             key = [self._model, w.role, w.address]
             healthy.add_metric(key, 1.0 if w.healthy else 0.0)
@@ -211,6 +215,7 @@ class _WorkerCollector(Collector):
             preemptions.add_metric(key, w.load.num_preemptions)
             prefix_queries.add_metric(key, w.load.prefix_cache_queries)
             prefix_hits.add_metric(key, w.load.prefix_cache_hits)
+            engine.add(key, w.load)
             if w.role == "decode":
                 transfer_bytes.add_metric(key, w.load.kv_transfer_bytes_total)
                 transfer_seconds.add_metric(key, w.load.kv_transfer_seconds_total)
@@ -218,6 +223,38 @@ class _WorkerCollector(Collector):
         yield from (running, waiting, usage, healthy, preemptions, transfer_bytes, transfer_seconds)
         yield from (prefix_queries, prefix_hits, indexed, depth)
         yield from spec.families()
+        yield from engine.families()
+
+
+class _EngineHistograms:
+    """Histograms the workers' engines measure, under vLLM's names (pdserve: prefix)."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.queue_time = HistogramMetricFamily(
+            "pdserve:request_queue_time_seconds",
+            "Arrival in a worker's engine until first scheduled (imported KV: the pull included).",
+            labels=labels,
+        )
+        self.iteration_tokens = HistogramMetricFamily(
+            "pdserve:iteration_tokens_total",
+            "Tokens scheduled per engine step (prompt chunks, decode tokens, proposals).",
+            labels=labels,
+        )
+
+    def add(self, key: list[str], load) -> None:  # noqa: ANN001
+        for family, snap in ((self.queue_time, load.queue_time),
+                             (self.iteration_tokens, load.iteration_tokens)):  # fmt: skip
+            if snap is not None:
+                family.add_metric(key, _buckets(snap), snap.sum)
+
+    def families(self):
+        return self.queue_time, self.iteration_tokens
+
+
+def _buckets(snap: HistogramSnapshot) -> list[tuple[str, float]]:
+    """(le, cumulative count) pairs, +Inf last, `le` spelt as prometheus_client spells it."""
+    bounds = (*snap.bounds, math.inf)
+    return [(floatToGoString(b), c) for b, c in zip(bounds, snap.counts, strict=True)]
 
 
 class _SpecDecodeFamilies:

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from contract.histogram import ITERATION_TOKENS_BUCKETS, QUEUE_TIME_BUCKETS, HistogramSnapshot
 from contract.sampling import WORKER_FIELD_NAMES
 from gateway.schema import FinishReason, GenerationParams, TokenLogprob
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -59,6 +60,9 @@ class LoadSnapshot:
     spec_decode_num_accepted_tokens: int = 0
     spec_decode_num_emitted_tokens: int = 0
     spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
+    # Measured in the worker's engine; None from a worker that does not report them.
+    queue_time: HistogramSnapshot | None = None
+    iteration_tokens: HistogramSnapshot | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -282,7 +286,22 @@ def _load_snapshot(report: Any) -> LoadSnapshot:
         spec_decode_num_accepted_tokens_per_pos=tuple(
             report.spec_decode_num_accepted_tokens_per_pos
         ),
+        queue_time=_histogram(
+            QUEUE_TIME_BUCKETS, report.queue_time_bucket_counts, report.queue_time_sum
+        ),
+        iteration_tokens=_histogram(
+            ITERATION_TOKENS_BUCKETS,
+            report.iteration_tokens_bucket_counts,
+            report.iteration_tokens_sum,
+        ),
     )
+
+
+def _histogram(bounds: tuple[float, ...], counts, total: float) -> HistogramSnapshot | None:
+    """None when the counts do not fit the bounds: an older worker sends none."""
+    if len(counts) != len(bounds) + 1:
+        return None
+    return HistogramSnapshot(bounds, tuple(counts), total)
 
 
 def _kv_events_update(response: Any) -> KVEventsUpdate:

@@ -87,6 +87,10 @@ def load_report(
         block_size=snap.block_size,
         prefix_cache_queries=stats.prefix_cache_queries,
         prefix_cache_hits=stats.prefix_cache_hits,
+        queue_time_bucket_counts=stats.queue_time.counts,
+        queue_time_sum=stats.queue_time.sum,
+        iteration_tokens_bucket_counts=stats.iteration_tokens.counts,
+        iteration_tokens_sum=stats.iteration_tokens.sum,
         **_spec_decode_fields(stats),
     )
 

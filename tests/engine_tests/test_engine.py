@@ -1,7 +1,10 @@
 """Engine behaviour through its public API on a tiny random-weight Llama."""
 
+import time
+
 import pytest
 
+from contract.histogram import ITERATION_TOKENS_BUCKETS
 from engine.config import EngineConfig
 from engine.engine import LLMEngine, QueueFullError
 from engine.llm import LLM
@@ -54,7 +57,9 @@ def test_preemption_by_recompute_gives_same_tokens(tiny_llama, reference):
     tight = LLM(model=str(tiny_llama), kv_cache_memory=9 * 4 * 2 * 2 * 2 * 16 * 4, block_size=4)
     assert tight.engine.pool.num_blocks == 9
     assert generate(tight) == reference
-    assert tight.engine.stats().num_preemptions > 0
+    stats = tight.engine.stats()
+    assert stats.num_preemptions > 0
+    assert stats.queue_time.count == len(PROMPTS)  # readmission after preemption: not again
     assert_clean(tight.engine)
 
 
@@ -93,8 +98,46 @@ def test_split_prefill_export_import_decode(tiny_llama, reference):
         while b.has_unfinished_requests():
             tokens += [t for o in b.step() for t in o.new_token_ids]
         assert tokens == reference[i]
+    # A prefills each prompt in one step; B's queue time ends at each import's first decode
+    # step, and its steps compute one token each (the imported first token came with the KV).
+    a_stats, b_stats = a.stats(), b.stats()
+    assert a_stats.queue_time.count == b_stats.queue_time.count == len(PROMPTS)
+    assert a_stats.iteration_tokens.count == len(PROMPTS)
+    assert a_stats.iteration_tokens.sum == sum(len(p) for p in PROMPTS)
+    decode_steps = len(PROMPTS) * (GREEDY.max_tokens - 1)
+    assert b_stats.iteration_tokens.count == b_stats.iteration_tokens.sum == decode_steps
+    assert b_stats.iteration_tokens.counts[0] == decode_steps  # all in the le=1 bucket
     assert_clean(a)
     assert_clean(b)
+
+
+def test_stats_histograms_count_requests_and_steps(tiny_llama):
+    """Queue time: one observation per request, when first scheduled. Iteration tokens: one per
+    step, the tokens it computed."""
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_llama), kv_cache_memory=1 << 20, block_size=4, max_num_batched_tokens=16
+        )
+    )
+    started = time.monotonic()
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"h{i}", prompt, GREEDY)
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    elapsed = time.monotonic() - started
+    stats = engine.stats()
+    assert stats.queue_time.count == len(PROMPTS)
+    assert 0 <= stats.queue_time.sum <= len(PROMPTS) * elapsed
+    iteration = stats.iteration_tokens
+    assert iteration.count == steps
+    # Each prompt token and each decode input once (the last sampled token is never computed).
+    assert iteration.sum == sum(len(p) for p in PROMPTS) + len(PROMPTS) * (GREEDY.max_tokens - 1)
+    le_16 = ITERATION_TOKENS_BUCKETS.index(16)
+    assert iteration.counts[le_16] == steps  # the budget caps every step at 16 tokens
+    assert 0 < iteration.counts[le_16 - 1] < steps  # decode-only steps fit in 8, prefills not
+    assert_clean(engine)
 
 
 def test_import_skips_blocks_held_locally(tiny_llama):

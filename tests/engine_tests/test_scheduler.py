@@ -1,5 +1,8 @@
 """Scheduler policy without a model: budgets, chunked prefill, preemption."""
 
+import time
+
+from contract.histogram import ITERATION_TOKENS_BUCKETS, QUEUE_TIME_BUCKETS
 from engine.block_pool import BlockPool
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
@@ -67,3 +70,32 @@ def test_preemption_by_recompute_when_blocks_run_out():
     out = sched.schedule()  # b comes back and recomputes prompt + its output so far
     assert out.scheduled[0].request is b and out.scheduled[0].num_new_tokens == b.num_tokens
     assert sched.num_preemptions == 1
+    assert sched.queue_time.snapshot().count == 2  # b's readmission: no second queue time
+
+
+def test_queue_time_ends_at_first_schedule_and_steps_count_their_tokens():
+    sched, _ = make(max_seqs=1, budget=8)
+    first = Request("first", list(range(10)), SamplingParams())
+    late = Request("late", [1, 2, 3], SamplingParams(), arrival_time=time.monotonic() - 2.0)
+    sched.add(first)
+    sched.add(late)
+    out = sched.schedule()  # max_num_seqs keeps late waiting
+    assert [(x.request, x.num_new_tokens) for x in out.scheduled] == [(first, 8)]
+    assert sched.queue_time.snapshot().count == 1 and late.scheduled_time is None
+    fake_step(out)
+    fake_step(sched.schedule())  # first's last 2 prompt tokens
+    sched.finish(first, "stop")
+    fake_step(sched.schedule())  # late: 3 prompt tokens, its queue time ends
+    assert late.scheduled_time is not None
+    assert sched.schedule().scheduled[0].num_new_tokens == 1  # late decodes
+    queue = sched.queue_time.snapshot()
+    assert queue.count == 2 and queue.sum >= 2.0
+    le = dict(zip(QUEUE_TIME_BUCKETS, queue.counts, strict=False))
+    assert le[1.5] == 1 and le[2.5] == 2  # late waited 2 s (plus the test's own microseconds)
+    steps = sched.iteration_tokens.snapshot()
+    assert (steps.count, steps.sum) == (4, 8 + 2 + 3 + 1)
+    le = dict(zip(ITERATION_TOKENS_BUCKETS, steps.counts, strict=False))
+    assert (le[1], le[8]) == (1, 4)
+    sched.finish(late, "stop")
+    assert not sched.schedule().scheduled
+    assert sched.iteration_tokens.snapshot().count == 4  # an empty schedule is no step

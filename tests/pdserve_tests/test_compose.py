@@ -239,7 +239,8 @@ def exported_samples(metrics_text: str) -> set[str]:
                 "summary": ("_sum", "_count", "")}  # fmt: skip
     names = set()
     for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", metrics_text, re.M):
-        family = family.removesuffix("_total")  # text format 0.0.4 names counters with it
+        if kind == "counter":  # text format 0.0.4 names counters with it (not histograms)
+            family = family.removesuffix("_total")
         names |= {family + s for s in suffixes.get(kind, ("",))}
     return names
 

@@ -13,6 +13,7 @@ import time
 import grpc
 import pytest
 
+from contract.histogram import QUEUE_TIME_BUCKETS
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -290,12 +291,23 @@ def test_load_reports_and_health(tiny_llama):
 
     async def main():
         async with cluster(tiny_llama) as (pstub, dstub, p, d):
-            await prefill(pstub, "t-load", PROMPTS[0])
+            reply = await prefill(pstub, "t-load", PROMPTS[0])
             load = await pstub.GetLoad(common_pb2.GetLoadRequest())
             assert load.role == "prefill" and load.num_held == 1 and load.serving
             assert load.epoch == p.worker.identity.epoch and 0 < load.kv_cache_usage < 1
+            # The engine's histograms: one request queued, one step computing its prompt.
+            assert load.queue_time_bucket_counts[-1] == 1 and load.queue_time_sum >= 0
+            assert len(load.queue_time_bucket_counts) == len(QUEUE_TIME_BUCKETS) + 1
+            assert load.iteration_tokens_bucket_counts[-1] == 1
+            assert load.iteration_tokens_sum == len(PROMPTS[0])
             load = await dstub.GetLoad(common_pb2.GetLoadRequest())
             assert load.role == "decode" and load.num_free_blocks == load.num_blocks
+            assert list(load.queue_time_bucket_counts) == [0] * (len(QUEUE_TIME_BUCKETS) + 1)
+            await decode(dstub, "t-load", PROMPTS[0], reply.handle)
+            load = await dstub.GetLoad(common_pb2.GetLoadRequest())
+            assert load.queue_time_bucket_counts[-1] == 1  # the import, at its first decode step
+            counts = load.iteration_tokens_bucket_counts
+            assert counts[0] == counts[-1] == load.iteration_tokens_sum == MAX_TOKENS - 1
             async with grpc.aio.insecure_channel(d.address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 reply = await health.Check(
