@@ -74,6 +74,9 @@ SAMPLING_FIELDS: tuple[SamplingField, ...] = (
     # logits (vLLM clamps each to [-100, 100]; the gateway takes OpenAI's string keys).
     SamplingField("allowed_token_ids", (), (2, 3, 5), True, (-1,), UINT32),
     SamplingField("logit_bias", {}, {2: 1.5, 3: -100.0}, True, {-1: 1.0}),
+    # Words never generated: the engine tokenizes each (as is and after a space) and bans a
+    # sequence's last token whenever the output ends with the rest of it (vLLM's rule).
+    SamplingField("bad_words", (), ("hello world",), True, ("",)),
 )
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in SAMPLING_FIELDS)

@@ -392,6 +392,17 @@ class LLMEngine:
             stop_reason=request.stop_reason if finished else None,
         )
 
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as the tokenizer spells it at the start of a text and after a space
+        (vLLM's two spellings), without duplicates."""
+        sequences: list[list[int]] = []
+        for word in words:
+            for spelling in (word.lstrip(), " " + word.lstrip()):
+                ids = list(self.tokenizer.encode(spelling, add_special_tokens=False))
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
+
     def _new_request(
         self, request_id: str, prompt_token_ids, params, prefill_only: bool
     ) -> Request:
@@ -413,6 +424,7 @@ class LLMEngine:
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
         request = Request(request_id, list(prompt_token_ids), params, prefill_only=prefill_only)
+        request.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         if params.seed is not None:
             request.generator = torch.Generator().manual_seed(params.seed)
         if params.structured_outputs is not None:  # ValueError if it does not compile

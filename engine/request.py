@@ -44,6 +44,7 @@ class Request:
     generator: object | None = None  # torch.Generator when params.seed is set
     text: TextStream | None = None  # with stop strings: the detokenized output, matched as it grows
     matcher: object | None = None  # xgrammar GrammarMatcher when params.structured_outputs is set
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # from params.bad_words
     # Speculative decoding: proposals to verify next step (and the draft's distributions for
     # them, (k, V), or None for point-mass proposals); the draft model's KV covers positions
     # [0, num_draft_computed) plus `draft_written` proposals after them (checked when reused).

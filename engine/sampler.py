@@ -165,17 +165,25 @@ def _edits_logits(r: Request) -> bool:
     p = r.params
     return (
         _has_penalties(p)
-        or bool(p.logit_bias or p.allowed_token_ids)
+        or bool(p.logit_bias or p.allowed_token_ids or p.bad_words)
         or r.num_output_tokens < p.min_tokens
     )
 
 
 def _apply_token_edits(logits: torch.Tensor, requests: list) -> None:
     """logit_bias is added to its tokens' logits; with allowed_token_ids every other token is
-    -inf. Ids past the logits' width are dropped (the engine refuses them at admission)."""
+    -inf; a bad word's last token is -inf wherever the output ends with the rest of it. Ids past
+    the logits' width are dropped (the engine refuses them at admission)."""
     width = logits.shape[1]
     for i, r in enumerate(requests):
         p = r.params
+        sequences = getattr(r, "bad_words_token_ids", ())
+        if sequences:
+            output = r.output_token_ids
+            for seq in sequences:
+                prefix = seq[:-1]
+                if seq[-1] < width and (not prefix or output[-len(prefix) :] == prefix):
+                    logits[i, seq[-1]] = float("-inf")
         if p.logit_bias:
             ids = [t for t in p.logit_bias if t < width]
             logits[i, ids] += torch.tensor([p.logit_bias[t] for t in ids])

@@ -35,6 +35,7 @@ class SamplingParams:
     structured_outputs: StructuredOutputs | None = None  # compiled by the engine (xgrammar)
     allowed_token_ids: list[int] = field(default_factory=list)  # non-empty: only these
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits
+    bad_words: list[str] = field(default_factory=list)  # never generated (as token sequences)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +43,7 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.allowed_token_ids = list(self.allowed_token_ids or [])
+        self.bad_words = list(self.bad_words or [])
         # vLLM's clamp: a bias outside [-100, 100] acts as the bound.
         self.logit_bias = {
             k: min(100.0, max(-100.0, float(v))) if math.isfinite(v) else float(v)
@@ -93,6 +95,10 @@ class SamplingParams:
                 "allowed_token_ids must be non-negative integers",
             ),
             (
+                all(isinstance(w, str) and w.strip() for w in self.bad_words),
+                "bad_words must be non-empty strings",
+            ),
+            (
                 all(isinstance(t, int) and t >= 0 for t in self.logit_bias),
                 "logit_bias keys must be non-negative token ids",
             ),
@@ -119,5 +125,6 @@ class SamplingParams:
         values["stop_token_ids"] = list(self.stop_token_ids)
         values["allowed_token_ids"] = list(self.allowed_token_ids)
         values["logit_bias"] = dict(self.logit_bias)
+        values["bad_words"] = list(self.bad_words)
         values.update(changes)
         return SamplingParams(**values)

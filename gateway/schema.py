@@ -33,6 +33,7 @@ class GenerationParams:
     structured_outputs: StructuredOutputs | None = None  # checked here, compiled by the engine
     allowed_token_ids: tuple[int, ...] = ()  # non-empty: only these tokens may be sampled
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits
+    bad_words: tuple[str, ...] = ()  # words the output never contains
 
 
 @dataclass(slots=True, frozen=True)

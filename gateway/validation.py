@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import jsonschema
 
+from contract.limits import FLOAT32_MAX
 from contract.sampling import SAMPLING_FIELDS
 from contract.structured import StructuredOutputs
 from gateway.errors import invalid
@@ -76,9 +77,16 @@ def validate_params(p: GenerationParams, limits: Limits) -> None:
     if p.structured_outputs is not None:
         check_structured_outputs(p.structured_outputs, "structured_outputs")
     check_token_ids(p.allowed_token_ids, limits.vocab_size, "allowed_token_ids")
+    for word in p.bad_words:
+        _require(word.strip() != "", "bad_words must not be empty or blank", "bad_words")
+        check_text(word, "bad_words")
     check_token_ids(list(p.logit_bias), limits.vocab_size, "logit_bias")
     for bias in p.logit_bias.values():
-        _require(math.isfinite(bias), f"logit_bias values must be finite, got {bias}", "logit_bias")
+        _require(
+            math.isfinite(bias) and abs(bias) <= FLOAT32_MAX,
+            f"logit_bias values must be finite float32 numbers, got {bias}",
+            "logit_bias",
+        )
     check_wire_ranges(p)  # last: the checks above give the more specific messages
 
 

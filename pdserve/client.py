@@ -57,6 +57,7 @@ class GenerationOptions:
     structured_outputs: StructuredOutputs | None = None  # json / regex / choice / grammar
     allowed_token_ids: tuple[int, ...] = ()  # non-empty: only these tokens may be sampled
     logit_bias: Mapping[int, float] | None = None  # token id -> bias added to its logit
+    bad_words: tuple[str, ...] = ()  # words the output never contains
 
 
 @dataclass(slots=True, frozen=True)

@@ -27,6 +27,7 @@ def sampling_params_from_pb(
         values["top_k"] = 0  # vLLM: -1 disables
     values["stop_token_ids"] = list(values["stop_token_ids"])
     values["allowed_token_ids"] = list(values["allowed_token_ids"])
+    values["bad_words"] = list(values["bad_words"])
     return SamplingParams(**values)
 
 

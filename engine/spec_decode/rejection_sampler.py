@@ -49,6 +49,10 @@ class RowView:
     def num_output_tokens(self) -> int:
         return self.request.num_output_tokens + len(self.extra)
 
+    @property
+    def bad_words_token_ids(self) -> list[list[int]]:
+        return self.request.bad_words_token_ids
+
 
 @dataclass(slots=True)
 class Verified:

@@ -41,7 +41,6 @@ NO_OP: dict[str, Any] = {
     "use_beam_search": False,
     "length_penalty": 1.0,
     "spaces_between_special_tokens": True,
-    "bad_words": [],
     "include_reasoning": True,
     "echo": False,  # chat: vLLM's "prepend the last message"
     "add_special_tokens": False,  # chat: the template adds what the model needs

@@ -104,6 +104,7 @@ class _SamplingRequest(_Body):
     ignore_eos: StrictBool = False
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None  # non-empty: only these tokens may be sampled
+    bad_words: list[str] | None = None  # never generated
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_tokens_as_token_ids: StrictBool = False  # logprobs name tokens `token_id:N`
@@ -175,6 +176,7 @@ class _SamplingRequest(_Body):
             n=self.n,
             structured_outputs=self.structured(),
             allowed_token_ids=tuple(self.allowed_token_ids or ()),
+            bad_words=tuple(self.bad_words or ()),
             logit_bias=_logit_bias(self.logit_bias),
         )
 

@@ -396,3 +396,24 @@ def test_allowed_token_ids_and_logit_bias_shape_the_draw(llm, reference):
     with pytest.raises(ValueError, match="finite"):
         SamplingParams(logit_bias={1: float("nan")})
     assert_clean(llm.engine)
+
+
+def test_bad_words_are_never_generated(llm):
+    tok = llm.engine.tokenizer
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    reference = generate(llm, params=params)[0]
+    # A generated token whose text spells it back, and a two-token word the output contains.
+    single = next(t for t in reference if tok.encode(tok.decode([t]), add_special_tokens=False) == [t])
+    word = tok.decode([single])
+    banned = generate(llm, params=params.clone(bad_words=[word]))[0]
+    assert single not in banned
+    pair = next(
+        (a, b) for a, b in zip(reference, reference[1:], strict=False)
+        if tok.encode(tok.decode([a, b]), add_special_tokens=False) == [a, b]
+    )  # fmt: skip
+    out = generate(llm, params=params.clone(bad_words=[tok.decode(list(pair))]))[0]
+    assert all((a, b) != pair for a, b in zip(out, out[1:], strict=False))
+    assert out[: reference.index(pair[0]) + 1] == reference[: reference.index(pair[0]) + 1]
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=[" "])
+    assert_clean(llm.engine)

@@ -206,7 +206,7 @@ def test_seeded_sampling_is_reproducible(cluster):
     assert [c.text for c in runs[0].choices] == [c.text for c in runs[1].choices]
 
 
-def test_allowed_token_ids_and_logit_bias_hold_on_both_workers(cluster):
+def test_allowed_token_ids_logit_bias_and_bad_words_hold_on_both_workers(cluster):
     """The prefill worker samples the first token, the decode worker the rest: both apply the
     token edits, streamed or not."""
     _, _, g = cluster
@@ -226,6 +226,24 @@ def test_allowed_token_ids_and_logit_bias_hold_on_both_workers(cluster):
         extra_body={"logit_bias": {"42": 100}, "return_tokens_as_token_ids": True},
     )  # fmt: skip
     assert forced.choices[0].logprobs.tokens == ["token_id:42"] * 4
+
+    def tokens(**extra) -> list[int]:
+        out = client.completions.create(
+            model="tiny", prompt=LONG_PROMPT, max_tokens=8, temperature=0.0, logprobs=0,
+            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True, **extra},
+        )  # fmt: skip
+        return [int(t.split(":")[1]) for t in out.choices[0].logprobs.tokens]
+
+    def spells_back(token: int) -> str | None:
+        text = httpx.post(f"{g.http}/detokenize", json={"tokens": [token]}).json()["prompt"]
+        ids = httpx.post(
+            f"{g.http}/tokenize", json={"prompt": text, "add_special_tokens": False}
+        ).json()["tokens"]
+        return text if ids == [token] and text.strip() else None
+
+    reference = tokens()
+    token, word = next((t, w) for t in reference if (w := spells_back(t)) is not None)
+    assert token not in tokens(bad_words=[word])
 
 
 def test_disconnect_mid_stream_frees_blocks_on_both_workers(cluster):

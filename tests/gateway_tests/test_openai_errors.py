@@ -125,7 +125,8 @@ CHAT_BAD = [
         },
         "messages",
     ),
-    ({"messages": [{"role": "user", "content": "hi"}], "bad_words": ["x"]}, "bad_words"),
+    ({"messages": [{"role": "user", "content": "hi"}], "bad_words": ["  "]}, "bad_words"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1e39}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "hi"}], "no_such_field": 1}, "no_such_field"),
     (
         {

@@ -59,7 +59,7 @@ COMMON = [
     ("truncate_prompt_tokens", 4, OK, {}),
     ("prompt_logprobs", 1, NO, {}),
     ("allowed_token_ids", [5, 6], OK, {}),
-    ("bad_words", ["x"], NO, {}),
+    ("bad_words", ["x"], OK, {}),
     ("priority", 1, META, {}),
     ("request_id", "r1", META, {}),
     ("logits_processors", ["mod.Proc"], NO, {}),
