@@ -31,7 +31,7 @@ async def create_chat_completion(
         config.tool_call_parser,
         config.enable_auto_tool_choice,
     )
-    params = body.to_params(plan.constraint(), core.limits.max_logprobs)
+    params = body.to_params(plan.constraint(), core.limits.max_logprobs, core.sampling_defaults)
     prompt = ChatPrompt(body.chat_messages(), body.add_generation_prompt, plan.tools)
     runs = await open_runs(core, [GenerateRequest(prompt, params)])
     meta = ResponseMeta.new("chatcmpl", core.config.model_name)

@@ -23,7 +23,7 @@ async def create_completion(
     core: GatewayCore, body: CompletionRequest, request: Request
 ) -> Response:
     check_model(core, body.model)
-    params = body.to_params()
+    params = body.to_params(core.sampling_defaults)
     prompts = _prompts(body.prompt, body.add_special_tokens)
     runs = await open_runs(core, [GenerateRequest(p, params) for p in prompts])
     meta = ResponseMeta.new("cmpl", core.config.model_name)
