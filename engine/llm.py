@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from contract.generation_config import AUTO, describe, load_sampling_defaults
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.outputs import CompletionOutput, LLMOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
 PromptType = str | dict
+log = logging.getLogger(__name__)
 
 
 class LLM:
     """`LLM(model)`: `model` is any supported local HF folder (`pdserve.LLM()` resolves the
-    default model first)."""
+    default model first).
 
-    def __init__(self, model: str, **engine_kwargs) -> None:
+    `generation_config`, as vLLM's: "auto" (default) takes the sampling defaults (temperature,
+    top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens) from the model
+    folder's generation_config.json, "vllm" ignores the file, a folder reads its file. They are
+    `get_default_sampling_params()`, which `generate` and `chat` use without `sampling_params`.
+    """
+
+    def __init__(self, model: str, generation_config: str = AUTO, **engine_kwargs) -> None:
         known = {f.name for f in fields(EngineConfig)}
         unknown = set(engine_kwargs) - known
         if unknown:
             raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        config = EngineConfig(model=model, **engine_kwargs)
+        self._default_params = _default_sampling_params(str(generation_config), model)
+        self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 
@@ -36,6 +47,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[LLMOutput]:
         items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _per_prompt(sampling_params, len(items))
         encoded = [self._encode(p) for p in items]
         for _, ids in encoded:
@@ -44,6 +57,11 @@ class LLM:
         children = self._add_all(encoded, params, results)
         self._run(children, len(children), use_tqdm)
         return results
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the generation config's defaults (a new object each call, to
+        change as you like), as vLLM's `LLM.get_default_sampling_params`."""
+        return self._default_params.clone()
 
     def get_tokenizer(self):
         """The tokenizer the engine encodes and decodes with (as vLLM's `LLM.get_tokenizer`)."""
@@ -153,9 +171,7 @@ class LLM:
         if out.finished:
             comp.finish_reason = out.finish_reason
             comp.stop_reason = out.stop_reason
-            comp.text = self._final_text(
-                comp.token_ids, params, out.finish_reason, out.stop_reason
-            )
+            comp.text = self._final_text(comp.token_ids, params, out.finish_reason, out.stop_reason)
 
     def _final_text(
         self, token_ids: list[int], params: SamplingParams, finish_reason, stop_reason
@@ -174,9 +190,18 @@ class LLM:
         return text
 
 
+def _default_sampling_params(setting: str, model: str) -> SamplingParams:
+    """The generation config's defaults, checked as any SamplingParams (ValueError if bad)."""
+    defaults = load_sampling_defaults(setting, model)
+    try:
+        params = SamplingParams(**defaults)
+    except ValueError as exc:
+        raise ValueError(f"generation config {setting!r} ({model}): {exc}") from None
+    log.info(describe(setting, model, defaults))
+    return params
+
+
 def _per_prompt(sampling_params, n: int) -> list[SamplingParams]:
-    if sampling_params is None:
-        return [SamplingParams()] * n
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * n
     params = list(sampling_params)

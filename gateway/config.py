@@ -23,6 +23,9 @@ class GatewayConfig:
     # first. Empty: the model folder's name. A single str is accepted too.
     served_model_names: tuple[str, ...] = ()
     tokenizer_path: Path | None = None  # tokenizer files and chat template; None: model_path
+    # Sampling defaults of requests that leave a field unset (vLLM's --generation-config):
+    # "auto" the model folder's generation_config.json, "vllm" none, or a folder holding one
+    generation_config: str = "auto"
     max_logprobs: int = MAX_LOGPROBS  # cap on logprobs / top_logprobs (400 above it)
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -71,7 +74,9 @@ class GatewayConfig:
         parse_entries(self.prefill_addresses, "--prefill")
         parse_entries(self.decode_addresses, "--decode")
         if self.router not in ROUTER_NAMES:
-            raise ValueError(f"router must be one of {', '.join(ROUTER_NAMES)}, got {self.router!r}")
+            raise ValueError(
+                f"router must be one of {', '.join(ROUTER_NAMES)}, got {self.router!r}"
+            )
         self._check_positive()
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
             raise ValueError(
@@ -83,6 +88,9 @@ class GatewayConfig:
             raise ValueError("--worker-tls-cert and --worker-tls-key go together")
         if self.worker_tls_cert is not None and self.worker_tls_ca is None:
             raise ValueError("--worker-tls-cert (mTLS) needs --worker-tls-ca")
+        object.__setattr__(self, "generation_config", str(self.generation_config))  # a Path too
+        if not self.generation_config:
+            raise ValueError("generation_config must be auto, vllm or a folder, got ''")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (omit it to disable auth)")
 

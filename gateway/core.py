@@ -16,11 +16,13 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from contract.generation_config import describe
 from gateway.config import GatewayConfig
 from gateway.dispatch import DispatchSettings
 from gateway.errors import ErrorKind, GatewayError, invalid
 from gateway.metrics import GatewayMetrics
 from gateway.request_run import RequestRun
+from gateway.sampling_defaults import SamplingDefaults
 from gateway.schema import ChatPrompt, GenerateRequest, Prompt, TextPrompt, TokenPrompt
 from gateway.tokenizer import ChatTemplateError, GatewayTokenizer
 from gateway.validation import (
@@ -56,6 +58,13 @@ class GatewayCore:
             max_n=config.max_n,
             max_logprobs=config.max_logprobs,
             max_stop_strings=config.max_stop_strings,
+        )
+        # What unset sampling fields become on both front doors (--generation-config)
+        self.sampling_defaults = SamplingDefaults.load(
+            config.generation_config, config.model_path, self.limits
+        )
+        log.info(
+            describe(config.generation_config, config.model_path, self.sampling_defaults.values)
         )
         self.dispatch_settings = DispatchSettings(
             min_prefill_tokens=config.min_prefill_tokens,
@@ -112,7 +121,10 @@ class GatewayCore:
             del self._opening[request_id]
         prompt_ids = self._truncate(prompt_ids, request.truncate_prompt_tokens)
         max_tokens = resolve_max_tokens(
-            len(prompt_ids), request.params.max_tokens, self.max_model_len
+            len(prompt_ids),
+            request.params.max_tokens,
+            self.max_model_len,
+            self.sampling_defaults.max_tokens,
         )
         timeout = self.config.request_timeout_s
         if request.timeout_s is not None:

@@ -9,6 +9,7 @@ import grpc
 
 from gateway.core import GatewayCore
 from gateway.errors import GatewayError, invalid
+from gateway.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from gateway.schema import (
     ChatMessage,
     ChatPrompt,
@@ -37,7 +38,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             run = await self._core.open(
-                generate_request_from_proto(request, context.time_remaining())
+                generate_request_from_proto(
+                    request, context.time_remaining(), self._core.sampling_defaults
+                )
             )
         except GatewayError as exc:
             await context.abort(grpc_code(exc.kind), exc.message)
@@ -78,10 +81,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
 
-def generate_request_from_proto(request: Any, timeout_s: float | None) -> GenerateRequest:
+def generate_request_from_proto(
+    request: Any, timeout_s: float | None, defaults: SamplingDefaults = NO_DEFAULTS
+) -> GenerateRequest:
     return GenerateRequest(
         prompt=_prompt_from_proto(request),
-        params=_params_from_proto(request.params),
+        params=_params_from_proto(request.params, defaults),
         request_id=request.request_id or None,
         timeout_s=timeout_s,
     )
@@ -101,8 +106,9 @@ def _prompt_from_proto(request: Any) -> Prompt:
     raise invalid("a prompt is required: text, token_ids or chat", "prompt")
 
 
-def _params_from_proto(message: Any) -> GenerationParams:
-    return GenerationParams(**fields_from_pb(message))
+def _params_from_proto(message: Any, defaults: SamplingDefaults = NO_DEFAULTS) -> GenerationParams:
+    """The fields the client set; unset ones take `defaults` (the OpenAI routes' rule too)."""
+    return defaults.params(fields_from_pb(message))
 
 
 def delta_message(request_id: str, delta: ChoiceDelta) -> Any:

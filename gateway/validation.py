@@ -179,8 +179,15 @@ def check_structured_outputs(spec: StructuredOutputs, param: str) -> None:
             raise invalid(f"invalid regex {spec.regex!r}: {exc}", param) from None
 
 
-def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
-    """The completion budget: max_tokens if it fits in the context, else a clear error."""
+def resolve_max_tokens(
+    num_prompt_tokens: int,
+    max_tokens: int | None,
+    max_model_len: int,
+    default_max_tokens: int | None = None,
+) -> int:
+    """The completion budget: max_tokens if it fits in the context, else a clear error. Unset
+    (None): what the context leaves, at most `default_max_tokens` (the generation config's
+    `max_new_tokens`), which is never an error."""
     if num_prompt_tokens >= max_model_len:
         raise invalid(
             f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
@@ -188,7 +195,8 @@ def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model
             "prompt",
         )
     if max_tokens is None:
-        return max_model_len - num_prompt_tokens
+        left = max_model_len - num_prompt_tokens
+        return left if default_max_tokens is None else min(left, default_max_tokens)
     if num_prompt_tokens + max_tokens > max_model_len:
         raise invalid(
             f"This model's maximum context length is {max_model_len} tokens. However, you "

@@ -31,7 +31,7 @@ async def create_chat_completion(
         config.tool_call_parser,
         config.enable_auto_tool_choice,
     )
-    params = body.to_params(plan.constraint(), core.limits.max_logprobs)
+    params = body.to_params(plan.constraint(), core.limits.max_logprobs, core.sampling_defaults)
     prompt = body.chat_prompt(plan.tools)
     generate = GenerateRequest(prompt, params, truncate_prompt_tokens=body.truncate_prompt_tokens)
     runs = await open_runs(core, [generate])

@@ -23,7 +23,7 @@ async def create_completion(
     core: GatewayCore, body: CompletionRequest, request: Request
 ) -> Response:
     check_model(core, body.model)
-    params = body.to_params()
+    params = body.to_params(core.sampling_defaults)
     prompts = _prompts(body.prompt, body.add_special_tokens)
     keep = body.truncate_prompt_tokens
     runs = await open_runs(

@@ -17,6 +17,7 @@ from contract.limits import MAX_LOGPROBS
 from contract.structured import StructuredOutputs
 from gateway.errors import invalid
 from gateway.openai.fields import refuse_unsupported
+from gateway.sampling_defaults import CONTRACT_MAX_TOKENS, NO_DEFAULTS, SamplingDefaults
 from gateway.schema import ChatMessage, ChatPrompt, GenerationParams, ToolCall
 from gateway.validation import check_structured_outputs
 
@@ -150,21 +151,29 @@ class _SamplingRequest(_Body):
         check_structured_outputs(spec, param)
         return spec
 
-    def _params(self, max_tokens: int | None, logprobs: int | None) -> GenerationParams:
+    def _params(
+        self,
+        defaults: SamplingDefaults,
+        max_tokens: int | None,
+        max_tokens_fallback: int | None,
+        logprobs: int | None,
+    ) -> GenerationParams:
+        """Unset (None) fields take `defaults` (the generation config's, else the contract's);
+        `max_tokens_fallback`: an unset max_tokens when the generation config has none."""
         self.refuse_unsupported()
         if self.stream_options is not None:
             self.stream_options.refuse_unsupported("stream_options.")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true", "stream_options")
-        return GenerationParams(
+        given = dict(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=_stop_list(self.stop),
             stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -179,6 +188,7 @@ class _SamplingRequest(_Body):
             bad_words=tuple(self.bad_words or ()),
             logit_bias=_logit_bias(self.logit_bias),
         )
+        return defaults.params(given, max_tokens_fallback)
 
 
 PromptInput = str | list[str] | list[int] | list[list[int]]
@@ -186,21 +196,24 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(_SamplingRequest):
     prompt: PromptInput
-    max_tokens: int | None = 16
+    max_tokens: int | None = None  # absent: 16 (OpenAI's); null: up to the context
     logprobs: int | None = None
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
     add_special_tokens: StrictBool = True  # vLLM: BOS etc. added when tokenizing the prompt
 
-    def to_params(self) -> GenerationParams:
+    def to_params(self, defaults: SamplingDefaults = NO_DEFAULTS) -> GenerationParams:
         if self.suffix:
             raise invalid("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise invalid("best_of is not supported (it must be unset or equal to n)", "best_of")
         if self.echo and self.logprobs is not None:
             raise invalid("echo with logprobs is not supported (no prompt logprobs)", "echo")
-        return self._params(self.max_tokens, self.logprobs)
+        # The generation config's max_new_tokens, if any, replaces both fallbacks (vLLM keeps
+        # 16 for an absent max_tokens; we take the model's default, as for every other field).
+        fallback = None if "max_tokens" in self.model_fields_set else CONTRACT_MAX_TOKENS
+        return self._params(defaults, self.max_tokens, fallback, self.logprobs)
 
 
 class ContentPart(_Body):
@@ -269,10 +282,14 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template: str | None = None
 
     def to_params(
-        self, tool_constraint: StructuredOutputs | None = None, max_logprobs: int = MAX_LOGPROBS
+        self,
+        tool_constraint: StructuredOutputs | None = None,
+        max_logprobs: int = MAX_LOGPROBS,
+        defaults: SamplingDefaults = NO_DEFAULTS,
     ) -> GenerationParams:
         """`tool_constraint`: what tool_choice required / a named function enforces;
-        `max_logprobs`: the server's cap on top_logprobs (--max-logprobs)."""
+        `max_logprobs`: the server's cap on top_logprobs (--max-logprobs); `defaults`: what
+        unset sampling fields become (--generation-config)."""
         if self.chat_template is not None:
             raise invalid(
                 "a chat template in the request is not accepted: prompts are rendered with the "
@@ -290,7 +307,7 @@ class ChatCompletionRequest(_SamplingRequest):
         max_tokens = self.max_completion_tokens
         if max_tokens is None:
             max_tokens = self.max_tokens
-        params = self._params(max_tokens, logprobs)
+        params = self._params(defaults, max_tokens, None, logprobs)  # unset: up to the context
         if tool_constraint is None:
             return params
         if params.structured_outputs is not None:

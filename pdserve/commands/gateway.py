@@ -61,6 +61,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--tokenizer", default=None,
                    help="HF folder with the tokenizer files and chat template (default: --model)")  # fmt: skip
     add_served_name_arg(m)
+    add_generation_config_arg(m)
     add_max_logprobs_arg(m)
     m.add_argument("--chat-template", default=None, help="a template file or the template text")
     add_tool_args(m)
@@ -115,6 +116,18 @@ def add_served_name_arg(group) -> None:
     )
 
 
+def add_generation_config_arg(group) -> None:
+    group.add_argument(
+        "--generation-config",
+        default="auto",
+        metavar="auto|vllm|FOLDER",
+        help="sampling defaults of requests that leave temperature, top_p, top_k, min_p, "
+        "repetition_penalty or max_tokens unset, as vLLM: auto (default) takes them from the "
+        "model folder's generation_config.json, vllm ignores the file, a FOLDER reads its "
+        "generation_config.json",
+    )
+
+
 def add_tool_args(group) -> None:
     group.add_argument(
         "--tool-call-parser",
@@ -166,6 +179,7 @@ def config_from_args(args: argparse.Namespace, model_path: Path):
         router=args.router,
         served_model_names=tuple(args.served_model_name or ()),
         tokenizer_path=resolve_tokenizer_folder(args.tokenizer),
+        generation_config=args.generation_config,
         max_logprobs=args.max_logprobs,
         host=args.host,
         http_port=args.port,

@@ -10,10 +10,11 @@ import shlex
 import sys
 from pathlib import Path
 
+from contract.generation_config import AUTO, VLLM, generation_config_folder
 from contract.limits import MAX_LOGPROBS
 from engine.cli_args import add_engine_args
 from pdserve.commands.convert import add_cache_dir_arg
-from pdserve.commands.gateway import add_served_name_arg, add_tool_args
+from pdserve.commands.gateway import add_generation_config_arg, add_served_name_arg, add_tool_args
 from pdserve.launcher import (
     DECODE_PORT,
     GATEWAY_API_KEY_ENV,
@@ -51,13 +52,16 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="seconds each child may drain after SIGTERM (then SIGKILL)")  # fmt: skip
     g.add_argument("--max-restarts", type=int, default=5,
                    help="restarts of one child within --restart-window before the cluster stops")  # fmt: skip
-    g.add_argument("--restart-window", type=float, default=60.0, help="seconds (see --max-restarts)")
+    g.add_argument(
+        "--restart-window", type=float, default=60.0, help="seconds (see --max-restarts)"
+    )
     g.add_argument("--cluster-secret-file", type=Path, default=None,
                    help="the secret gateway and workers share (default: a new random one per run)")  # fmt: skip
     add_cache_dir_arg(g)
     g.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     gw = p.add_argument_group("gateway")
     add_served_name_arg(gw)
+    add_generation_config_arg(gw)
     gw.add_argument("--tokenizer", default=None,
                     help="HF folder with the tokenizer files and chat template the gateway uses "
                     "(default: the model's)")  # fmt: skip
@@ -107,6 +111,8 @@ def gateway_flag_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--served-model-name", *args.served_model_name]
     if args.max_logprobs != MAX_LOGPROBS:
         argv += ["--max-logprobs", str(args.max_logprobs)]
+    if args.generation_config != AUTO:
+        argv += ["--generation-config", args.generation_config]
     for flag, value in (
         ("--tokenizer", args.tokenizer),
         ("--chat-template", args.chat_template),
@@ -186,6 +192,9 @@ def run(args: argparse.Namespace) -> int:
             if not Path(args.tokenizer).expanduser().is_dir():
                 raise ValueError(f"--tokenizer {args.tokenizer!r} is not a folder")
             args.tokenizer = str(Path(args.tokenizer).expanduser().resolve())
+        if args.generation_config not in (AUTO, VLLM):  # a folder, checked here
+            folder = generation_config_folder(args.generation_config, model_folder=".")
+            args.generation_config = str(folder.resolve())  # as --tokenizer: absolute
         if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
             raise ValueError(
                 f"--max-logprobs must be in [0, {MAX_LOGPROBS}], got {args.max_logprobs}"

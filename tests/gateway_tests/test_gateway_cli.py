@@ -43,8 +43,22 @@ def test_flags_become_a_config(tmp_path, monkeypatch):
     assert config.decode_addresses == ("127.0.0.1:3",)
     assert (config.max_pending, config.min_prefill_tokens, config.grpc_port) == (7, 0, None)
     assert (config.api_key, config.model_name, config.host) == ("from-env", "m", "127.0.0.1")
+    assert config.generation_config == "auto"  # vLLM's default
     args = parse(["--model", str(folder), "--decode", "127.0.0.1:3", "--api-key", "flag"])
     assert cmd.config_from_args(args, folder).api_key == "flag"
+    args = parse(["--model", str(folder), "--decode", "127.0.0.1:3", "--generation-config", "vllm"])
+    assert cmd.config_from_args(args, folder).generation_config == "vllm"
+
+
+def test_a_bad_generation_config_stops_the_gateway_at_start_up(tmp_path):
+    folder = build_tiny_model_folder(tmp_path / "model")
+    (folder / "generation_config.json").write_text('{"temperature": "hot"}')
+    args = parse(["--model", str(folder), "--decode", "127.0.0.1:3", "--log-level", "error"])
+    with pytest.raises(SystemExit, match="pdserve gateway: .*temperature must be a number"):
+        cmd.run(args)
+    args.generation_config = str(tmp_path / "missing")
+    with pytest.raises(SystemExit, match="neither 'auto', 'vllm' nor a folder"):
+        cmd.run(args)
 
 
 @pytest.mark.parametrize(

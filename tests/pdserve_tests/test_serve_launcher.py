@@ -315,6 +315,23 @@ def test_worker_flags_round_trip_through_the_engine_parser() -> None:
     assert gateway_flag_argv(parse_serve()) == []
 
 
+def test_generation_config_goes_to_the_gateway(tmp_path) -> None:
+    assert gateway_flag_argv(parse_serve("--generation-config", "vllm")) == [
+        "--generation-config",
+        "vllm",
+    ]
+    args = parse_serve("--generation-config", str(tmp_path))
+    assert gateway_flag_argv(args) == ["--generation-config", str(tmp_path)]
+    assert parse_serve().generation_config == "auto"  # not passed: the gateway's default
+
+
+def test_a_generation_config_folder_that_is_missing_is_refused(tmp_path, capsys) -> None:
+    from pdserve.commands.serve import run
+
+    assert run(parse_serve("--generation-config", str(tmp_path / "missing"))) == 2
+    assert "neither 'auto', 'vllm' nor a folder" in capsys.readouterr().err
+
+
 def test_aggregated_mode_starts_no_prefill_worker() -> None:
     opts = ClusterOptions(model="/m", aggregated=True, num_decode=2)
     specs = plan_cluster(opts)
