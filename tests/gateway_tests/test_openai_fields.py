@@ -57,7 +57,7 @@ COMMON = [
     ("length_penalty", 0.5, NO, {}),
     ("spaces_between_special_tokens", False, NO, {}),
     ("truncate_prompt_tokens", 4, NO, {}),
-    ("prompt_logprobs", 1, NO, {}),
+    ("prompt_logprobs", 1, OK, {}),
     ("allowed_token_ids", [5, 6], NO, {}),
     ("bad_words", ["x"], NO, {}),
     ("priority", 1, META, {}),
