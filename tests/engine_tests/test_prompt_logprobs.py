@@ -33,7 +33,9 @@ def expected(hf):
 
 
 def make(tiny_llama, **kw) -> LLM:
-    return LLM(model=str(tiny_llama), kv_cache_memory=1 << 20, block_size=4, **kw)
+    """float32 on CPU, the reference's precision."""
+    kw = {"device": "cpu", "kv_cache_memory": 1 << 20, "block_size": 4, **kw}
+    return LLM(model=str(tiny_llama), **kw)
 
 
 def run(llm, prompts=PROMPTS, params=PARAMS):
@@ -83,12 +85,7 @@ def test_chunked_prefill_accumulates_across_chunks(tiny_llama, expected):
 
 def test_preemption_during_prefill_keeps_them_whole(tiny_llama, expected):
     # 9 blocks of 4 tokens and 5 tokens a step: prompts are preempted mid-way and recomputed.
-    tight = LLM(
-        model=str(tiny_llama),
-        kv_cache_memory=9 * 4 * 2 * 2 * 2 * 16 * 4,
-        block_size=4,
-        max_num_batched_tokens=5,
-    )
+    tight = make(tiny_llama, kv_cache_memory=9 * 4 * 2 * 2 * 2 * 16 * 4, max_num_batched_tokens=5)
     params = PARAMS.clone(max_tokens=10)
     for out, prompt, ref in zip(run(tight, params=params), PROMPTS, expected, strict=True):
         assert_matches(out, prompt, ref)
