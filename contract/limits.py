@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-MAX_LOGPROBS = 20  # top-N logprobs per sampled token, at most
+MAX_LOGPROBS = 20  # top-N logprobs per sampled (or prompt) token, at most
 DEFAULT_MAX_MODEL_LEN = 4096  # without --max-model-len: min(model's max positions, this)
 
 # What the worker protocol's scalar types carry (protos/pdserve/v1/common.proto).

@@ -52,7 +52,8 @@ SAMPLING_FIELDS: tuple[SamplingField, ...] = (
     SamplingField("presence_penalty", 0.0, 0.5, True, 2.5, FLOAT32),
     SamplingField("frequency_penalty", 0.0, -0.5, True, -2.5, FLOAT32),
     SamplingField("repetition_penalty", 1.0, 1.5, True, 0.0, FLOAT32),
-    SamplingField("seed", None, 1234, True, carries=INT64),  # with n > 1, choice i samples with seed + i
+    # with n > 1, choice i samples with seed + i
+    SamplingField("seed", None, 1234, True, carries=INT64),
     SamplingField("stop", (), ("\n\n",), False, ("",)),  # matched on the detokenized text
     SamplingField("stop_token_ids", (), (2, 3), True, (-1,), UINT32),
     SamplingField("include_stop_str_in_output", False, True, False),
@@ -70,6 +71,9 @@ SAMPLING_FIELDS: tuple[SamplingField, ...] = (
         True,
         StructuredOutputs(regex="a", json_object=True),
     ),
+    # top-N per prompt token (0: only the prompt token's), computed where the prompt runs: the
+    # prefill worker, or a decode worker prefilling locally
+    SamplingField("prompt_logprobs", None, 2, True, MAX_LOGPROBS + 1, UINT32),
     # Token edits before the draw: only these tokens (empty: all), and a bias added to the
     # logits (vLLM clamps each to [-100, 100]; the gateway takes OpenAI's string keys).
     SamplingField("allowed_token_ids", (), (2, 3, 5), True, (-1,), UINT32),

@@ -20,6 +20,7 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_events import KVEventLog
+from engine.logprobs import prompt_logprobs
 from engine.model_loader import load_hf_config, load_model, model_folder
 from engine.model_runner import KVCacheSpec, ModelRunner, kv_pool_bytes
 from engine.outputs import PrefillResult, RequestOutput, TokenLogprob
@@ -189,6 +190,8 @@ class LLMEngine:
     def reserve_import(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> ImportReservation:
+        # The prompt was computed where the KV comes from: so were its prompt logprobs.
+        params = params.clone(prompt_logprobs=None)
         request = self._new_request(request_id, prompt_token_ids, params, prefill_only=False)
         hits = self.kv.find_prefix_hits(request)
         if not self.kv.allocate(
@@ -275,6 +278,7 @@ class LLMEngine:
     # -- internals --------------------------------------------------------------------------
 
     def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        logits = self._take_prompt_logprobs(sched.scheduled, logits)
         sampling = [s for s in sched.scheduled if s.samples]
         for s in sched.scheduled:
             # Proposals count as computed only once verified (below): until then their KV is
@@ -286,6 +290,27 @@ class LLMEngine:
         if not any(s.spec_token_ids for s in sampling):
             return self._sample(logits, [s.request for s in sampling])
         return self._postprocess_speculative(sampling, logits)
+
+    def _take_prompt_logprobs(
+        self, scheduled: list[ScheduledRequest], logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Turn each request's prompt-logprob rows (the first of its `num_logits`, see
+        `ScheduledRequest.prompt_logit_positions`) into its prompt logprobs; returns the rows
+        that sample, in schedule order, as if no prompt row had been computed."""
+        if not any(s.request.prompt_logprobs is not None for s in scheduled):
+            return logits
+        keep: list[int] = []
+        row = 0
+        for s in scheduled:
+            positions, num_rows = s.prompt_logit_positions, s.num_logits
+            if positions:
+                r = s.request
+                next_ids = r.prompt_token_ids[positions.start + 1 : positions.stop + 1]
+                rows = logits[row : row + len(positions), : self.vocab_size]
+                r.prompt_logprobs.extend(prompt_logprobs(rows, next_ids, r.params.prompt_logprobs))
+            keep.extend(range(row + len(positions), row + num_rows))
+            row += num_rows
+        return logits[keep]
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[RequestOutput]:
         """One token per request, under its grammar's bitmask where it has one."""
@@ -381,6 +406,10 @@ class LLMEngine:
     def _output(
         self, request: Request, tokens: list[int], logprobs, *, finished: bool
     ) -> RequestOutput:
+        prompt = None
+        if request.prompt_logprobs is not None and request.num_output_tokens:
+            # Complete once the first token is sampled: it goes out with that token, once.
+            prompt, request.prompt_logprobs = request.prompt_logprobs, None
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=tokens,
@@ -390,6 +419,7 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
             stop_reason=request.stop_reason if finished else None,
+            prompt_logprobs=prompt,
         )
 
     def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:

@@ -12,7 +12,14 @@ from tqdm.auto import tqdm
 from contract.generation_config import AUTO, describe, load_sampling_defaults
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.outputs import CompletionOutput, LLMOutput, RequestOutput
+from engine.outputs import (
+    CompletionOutput,
+    LLMOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestOutput,
+    TokenLogprob,
+)
 from engine.sampling_params import SamplingParams
 
 PromptType = str | dict
@@ -39,6 +46,7 @@ class LLM:
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
+        self._token_texts: dict[int, str] = {}  # Logprob.decoded_token, decoded once per id
 
     def generate(
         self,
@@ -133,7 +141,9 @@ class LLM:
             for (_, ids), sp, result in zip(encoded, params, results, strict=True):
                 for j in range(sp.n):
                     seed = None if sp.seed is None else sp.seed + j
-                    child = sp.clone(n=1, seed=seed)
+                    # The prompt's logprobs are the same for every choice: the first computes them.
+                    prompt_lp = sp.prompt_logprobs if j == 0 else None
+                    child = sp.clone(n=1, seed=seed, prompt_logprobs=prompt_lp)
                     rid = f"llm-{self._counter}"
                     self._counter += 1
                     self.engine.add_request(rid, ids, child)
@@ -164,14 +174,31 @@ class LLM:
         comp = result.outputs[index]
         result.num_cached_tokens = max(result.num_cached_tokens, out.num_cached_tokens)
         comp.token_ids.extend(out.new_token_ids)
+        if out.prompt_logprobs is not None:
+            ids = result.prompt_token_ids
+            positions = zip(ids[1:], out.prompt_logprobs, strict=True)
+            result.prompt_logprobs = [None] + [self._position(t, lp) for t, lp in positions]
         if comp.logprobs is not None and out.new_logprobs:
-            for (chosen, top), tok in zip(out.new_logprobs, out.new_token_ids, strict=True):
-                comp.logprobs.append({tok: chosen, **top})
-                comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + chosen
+            for lp, tok in zip(out.new_logprobs, out.new_token_ids, strict=True):
+                comp.logprobs.append(self._position(tok, lp))
+                comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + lp.logprob
         if out.finished:
             comp.finish_reason = out.finish_reason
             comp.stop_reason = out.stop_reason
             comp.text = self._final_text(comp.token_ids, params, out.finish_reason, out.stop_reason)
+
+    def _position(self, token_id: int, lp: TokenLogprob) -> PositionLogprobs:
+        """vLLM's dict for one position: its token first, then the top-N ranked 1, 2, ..."""
+        entry = {token_id: Logprob(lp.logprob, lp.rank, self._token_text(token_id))}
+        for rank, (tid, value) in enumerate(lp.top.items(), start=1):
+            entry[tid] = Logprob(value, rank, self._token_text(tid))
+        return entry
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _final_text(
         self, token_ids: list[int], params: SamplingParams, finish_reason, stop_reason

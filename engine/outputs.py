@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-# One sampled token's logprob info: (sampled logprob, {token_id: logprob} of the top-N).
-TokenLogprob = tuple[float, dict[int, float]]
+
+class TokenLogprob(NamedTuple):
+    """Logprob info at one position: the logprob of the token there (sampled, or the prompt's
+    next token), its 1-based rank in the distribution (None where not known, e.g. a first token
+    imported from a prefill worker), and the top-N as {token_id: logprob}, best first."""
+
+    logprob: float
+    top: dict[int, float]
+    rank: int | None = None
+
+
+@dataclass(slots=True)
+class Logprob:
+    """vLLM's `Logprob`: one token's logprob, its 1-based rank and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's per-position shape: {token_id: Logprob} holding the position's token and the top-N.
+# Prompt logprobs are one per prompt token, the first None (nothing predicts it).
+PositionLogprobs = dict[int, Logprob]
+PromptLogprobs = list[PositionLogprobs | None]
 
 
 @dataclass(slots=True)
@@ -31,6 +54,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prefill: PrefillResult | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    # With params.prompt_logprobs: prompt positions 1.. (entry i: the logprob of prompt token
+    # i + 1 given those before it), once, on the output that carries the first token.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -39,7 +65,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float | None = None
     stop_reason: str | int | None = None
 
@@ -54,3 +80,4 @@ class LLMOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (the most of its choices)
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs

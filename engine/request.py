@@ -38,6 +38,10 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full, computed blocks
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # With params.prompt_logprobs: those of prompt positions 1.. computed so far (entry i from
+    # the logits at position i), until they go out with the first token; None: not asked, or
+    # handed out. While it is a list, no prompt token may come from the prefix cache.
+    prompt_logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
@@ -56,6 +60,8 @@ class Request:
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = []
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -72,6 +78,12 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.all_token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """False while prompt logprobs are being computed: a cached position has no logits
+        (the request still enters its own full blocks into the cache)."""
+        return self.prompt_logprobs is None
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.logprobs import gather_logprobs
 from engine.outputs import TokenLogprob
 from engine.request import Request
 from engine.structured_output import apply_bitmask
@@ -81,7 +82,8 @@ class Sampler:
         return Distributions(raw, logits, _filter(logits / temps, rows).softmax(dim=-1))
 
     def logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list):
-        """Per row: (logprob of `tokens[i]`, top-N) from the raw logits, or None if not asked."""
+        """Per row: the logprob, rank and top-N of `tokens[i]` from the raw logits, or None if
+        not asked."""
         return self._logprobs(raw, tokens, rows)
 
     def skip_draw(self, generator: torch.Generator) -> None:
@@ -137,22 +139,7 @@ class Sampler:
         wanted = [r.params.logprobs for r in requests]
         if all(w is None for w in wanted):
             return [None] * len(requests)
-        logprobs = raw.log_softmax(dim=-1)
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-        k = max(w or 0 for w in wanted)
-        top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
-        out: list[TokenLogprob | None] = []
-        for i, w in enumerate(wanted):
-            if w is None:
-                out.append(None)
-                continue
-            top = (
-                {}
-                if not w
-                else dict(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist(), strict=True))
-            )
-            out.append((chosen[i], top))
-        return out
+        return gather_logprobs(raw.log_softmax(dim=-1), tokens, wanted)
 
 
 def _has_penalties(p) -> bool:

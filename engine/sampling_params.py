@@ -33,6 +33,9 @@ class SamplingParams:
     )
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None  # compiled by the engine (xgrammar)
+    # Logprob of each prompt token given those before it, plus the top-N alternatives (0: the
+    # prompt token's alone). Such a request reads nothing from the prefix cache.
+    prompt_logprobs: int | None = None
     allowed_token_ids: list[int] = field(default_factory=list)  # non-empty: only these
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits
     bad_words: list[str] = field(default_factory=list)  # never generated (as token sequences)
@@ -84,6 +87,10 @@ class SamplingParams:
             (
                 self.logprobs is None or 0 <= self.logprobs <= _MAX_LOGPROBS,
                 f"logprobs must be in [0, {_MAX_LOGPROBS}], got {self.logprobs}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= _MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs}",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (

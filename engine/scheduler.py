@@ -28,7 +28,9 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """True when this step finishes the request's pending tokens, so a token is sampled."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens + len(self.spec_token_ids)
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens + len(
+            self.spec_token_ids
+        )
 
     # What the input batch reads (a draft model's steps provide the same three).
     @property
@@ -36,9 +38,25 @@ class ScheduledRequest:
         return self.request.num_computed_tokens
 
     @property
+    def prompt_logit_positions(self) -> range:
+        """Positions of this chunk whose logits give prompt logprobs (position p: those of
+        prompt token p + 1), skipping what an earlier, preempted run already computed.
+
+        Invariant: they end where the sampled row starts (p < num_prompt_tokens - 1, and
+        a request with prompt logprobs pending has no output yet) or at the chunk's end, so
+        with the sampled rows they are the chunk's last `num_logits` rows."""
+        r = self.request
+        if r.prompt_logprobs is None:
+            return range(0)
+        end = min(self.start + self.num_new_tokens, r.num_prompt_tokens - 1)
+        return range(max(self.start, len(r.prompt_logprobs)), end)
+
+    @property
     def num_logits(self) -> int:
-        """Rows whose logits are returned: the last one, plus one per proposal."""
-        return 1 + len(self.spec_token_ids) if self.samples else 0
+        """Rows whose logits are returned: prompt-logprob rows, then (when it samples) the last
+        one plus one per proposal."""
+        sampled = 1 + len(self.spec_token_ids) if self.samples else 0
+        return len(self.prompt_logit_positions) + sampled
 
     def input_token_ids(self) -> list[int]:
         r = self.request
@@ -105,14 +123,15 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             first_admission = not request.block_ids and request.num_preemptions == 0
-            hits = [] if request.block_ids else self.kv.find_prefix_hits(request)
+            reads_cache = request.reads_prefix_cache and not request.block_ids
+            hits = self.kv.find_prefix_hits(request) if reads_cache else []
             pending = (
                 request.num_tokens - request.num_computed_tokens - len(hits) * self.kv.block_size
             )
             num_new = min(pending, budget)
             if not self.kv.allocate(request, num_new, hits):
                 break
-            if first_admission:
+            if first_admission and reads_cache:  # a request that skips the cache asks nothing
                 request.num_cached_tokens = len(hits) * self.kv.block_size
                 self.kv.count_lookup(request.num_prompt_tokens, len(hits))
             self.waiting.popleft()

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -194,9 +194,12 @@ class ChoiceDispatch:
         )
         worker.in_flight += 1
         finished = False
+        prompt_logprobs = lease.prompt_logprobs if lease else None
         try:
             async for chunk in call.chunks():
                 finished = chunk.finish_reason is not None
+                if prompt_logprobs is not None:  # computed by the prefill worker
+                    chunk, prompt_logprobs = replace(chunk, prompt_logprobs=prompt_logprobs), None
                 yield chunk
                 if finished:
                     return

@@ -18,6 +18,7 @@ from gateway.schema import (
     GenerationParams,
     Prompt,
     TextPrompt,
+    TokenLogprob,
     TokenPrompt,
 )
 from gateway.version import VERSION
@@ -120,14 +121,20 @@ def delta_message(request_id: str, delta: ChoiceDelta) -> Any:
         finish_reason=finish_reasons.TO_PB[delta.finish_reason],
     )
     for lp in delta.logprobs or ():
-        entry = message.logprobs.add(logprob=lp.logprob)
-        for token_id, logprob in lp.top:
-            entry.top_logprobs.add(token_id=token_id, logprob=logprob)
+        _add_logprobs(message.logprobs, lp)
+    for lp in delta.prompt_logprobs or ():
+        _add_logprobs(message.prompt_logprobs, lp)
     if isinstance(delta.stop_reason, str):
         message.stop_reason = delta.stop_reason
     elif isinstance(delta.stop_reason, int):
         message.stop_token_id = delta.stop_reason
     return message
+
+
+def _add_logprobs(field: Any, lp: TokenLogprob) -> None:
+    entry = field.add(logprob=lp.logprob, rank=lp.rank)
+    for token_id, logprob in lp.top:
+        entry.top_logprobs.add(token_id=token_id, logprob=logprob)
 
 
 async def start_grpc_server(core: GatewayCore, host: str, port: int) -> RunningServer:

@@ -126,6 +126,7 @@ class RequestRun:
             async with aclosing(dispatch.chunks()) as chunks:
                 async for chunk in chunks:
                     delta = output.on_chunk(chunk.token_ids, chunk.logprobs, chunk.finish_reason)
+                    delta.prompt_logprobs = chunk.prompt_logprobs
                     if chunk.cached_tokens is not None:
                         self.usage.cached_tokens = max(
                             self.usage.cached_tokens, chunk.cached_tokens

@@ -31,6 +31,7 @@ class GenerationParams:
     skip_special_tokens: bool = True
     n: int = 1
     structured_outputs: StructuredOutputs | None = None  # checked here, compiled by the engine
+    prompt_logprobs: int | None = None  # top-N per prompt token; 0: only the prompt token's
     allowed_token_ids: tuple[int, ...] = ()  # non-empty: only these tokens may be sampled
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits
     bad_words: tuple[str, ...] = ()  # words the output never contains
@@ -88,11 +89,13 @@ class GenerateRequest:
 
 @dataclass(slots=True, frozen=True)
 class TokenLogprob:
-    """Logprob of one sampled token plus the top-N alternatives (token id, logprob)."""
+    """Logprob of one token (sampled, or a prompt token given those before it) plus the top-N
+    alternatives (token id, logprob), best first."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # the token's 1-based rank, where the worker sent it
 
 
 @dataclass(slots=True)
@@ -105,6 +108,8 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    # With params.prompt_logprobs, on the choice's first delta: prompt tokens 1.. (not the first).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)

@@ -139,11 +139,13 @@ def _check_counts(p: GenerationParams, limits: Limits) -> None:
         f"min_tokens ({p.min_tokens}) must be <= max_tokens ({p.max_tokens})",
         "min_tokens",
     )
-    _require(
-        p.logprobs is None or 0 <= p.logprobs <= limits.max_logprobs,
-        f"logprobs must be in [0, {limits.max_logprobs}], got {p.logprobs}",
-        "logprobs",
-    )
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(p, name)
+        _require(
+            value is None or 0 <= value <= limits.max_logprobs,
+            f"{name} must be in [0, {limits.max_logprobs}], got {value}",
+            name,
+        )
 
 
 def _check_stops(p: GenerationParams, limits: Limits) -> None:

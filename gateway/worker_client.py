@@ -104,11 +104,13 @@ class SamplingRequest:
 
 @dataclass(slots=True, frozen=True)
 class KVLease:
-    """A prefill worker's answer: the KV handle (opaque here) and the prompt's cache hits."""
+    """A prefill worker's answer: the KV handle (opaque here), the prompt's cache hits and,
+    when asked for, its prompt logprobs."""
 
     transfer_id: str
     handle: Any  # worker_pb2.KVHandle, passed to Decode untouched
     cached_tokens: int
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,19 +119,22 @@ class DecodeChunk:
     logprobs: list[TokenLogprob] | None
     finish_reason: FinishReason | None
     cached_tokens: int | None  # from the last chunk's usage
+    # Prompt tokens 1.. on the first chunk, from whichever worker ran the prompt.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class DecodeCall:
     """An open Decode stream; `cancel()` ends it (the worker aborts the request)."""
 
-    def __init__(self, address: str, call: Any) -> None:
+    def __init__(self, address: str, call: Any, prompt_ids: list[int]) -> None:
         self._address = address
         self._call = call
+        self._prompt_ids = prompt_ids
 
     async def chunks(self) -> AsyncIterator[DecodeChunk]:
         try:
             async for message in self._call:
-                yield _decode_chunk(message)
+                yield _decode_chunk(message, self._prompt_ids)
         except grpc.aio.AioRpcError as exc:
             raise WorkerRpcError(self._address, "Decode", exc.code(), exc.details() or "") from exc
 
@@ -194,7 +199,12 @@ class WorkerClient:
             request_id=request_id,
         )
         response = await self._unary("Prefill", self._prefill.Prefill, request, timeout)
-        return KVLease(transfer_id, response.handle, response.usage.cached_prompt_tokens)
+        return KVLease(
+            transfer_id,
+            response.handle,
+            response.usage.cached_prompt_tokens,
+            _prompt_logprobs(prompt_ids, response.prompt_logprobs, sampling),
+        )
 
     async def release(self, transfer_id: str, timeout: float) -> bool:
         request = worker_pb2.ReleaseRequest(transfer_id=transfer_id)
@@ -216,7 +226,7 @@ class WorkerClient:
         if lease is not None:
             request.kv_handle.CopyFrom(lease.handle)
         call = self._decode.Decode(request, timeout=timeout, metadata=self._metadata)
-        return DecodeCall(self.address, call)
+        return DecodeCall(self.address, call, prompt_ids)
 
     async def abort(self, request_id: str, timeout: float) -> bool:
         request = worker_pb2.AbortRequest(request_id=request_id)
@@ -248,17 +258,36 @@ def _sampling_message(sampling: SamplingRequest) -> common_pb2.SamplingParams:
     return fields_to_pb(common_pb2.SamplingParams(), values)
 
 
-def _decode_chunk(message: Any) -> DecodeChunk:
+def _decode_chunk(message: Any, prompt_ids: list[int]) -> DecodeChunk:
     token_ids = list(message.token_ids)
-    logprobs = None
-    if len(message.logprobs):
-        logprobs = [
-            TokenLogprob(tid, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top_logprobs))
-            for tid, lp in zip(token_ids, message.logprobs, strict=False)
-        ]
+    logprobs = _token_logprobs(token_ids, message.logprobs) if len(message.logprobs) else None
     finish = finish_reason_from_pb(message.finish_reason)
     cached = message.usage.cached_prompt_tokens if message.HasField("usage") else None
-    return DecodeChunk(token_ids, logprobs, finish, cached)
+    prompt = None
+    if len(message.prompt_logprobs):
+        prompt = _token_logprobs(prompt_ids[1:], message.prompt_logprobs)
+    return DecodeChunk(token_ids, logprobs, finish, cached, prompt)
+
+
+def _prompt_logprobs(
+    prompt_ids: list[int], messages: Any, sampling: SamplingRequest
+) -> list[TokenLogprob] | None:
+    if sampling.params.prompt_logprobs is None:
+        return None
+    return _token_logprobs(prompt_ids[1:], messages)
+
+
+def _token_logprobs(token_ids: Sequence[int], messages: Any) -> list[TokenLogprob]:
+    """TokenLogprobs messages, one per token of `token_ids`."""
+    return [
+        TokenLogprob(
+            tid,
+            lp.logprob,
+            tuple((t.token_id, t.logprob) for t in lp.top_logprobs),
+            lp.rank if lp.HasField("rank") else None,
+        )
+        for tid, lp in zip(token_ids, messages, strict=False)
+    ]
 
 
 def _load_snapshot(report: Any) -> LoadSnapshot:

@@ -233,8 +233,11 @@ def handle_from_pb(msg: worker_pb2.KVHandle) -> KVHandle:
     )
 
 
-def token_logprobs_to_pb(logprob: float, top: dict[int, float]) -> common_pb2.TokenLogprobs:
+def token_logprobs_to_pb(
+    logprob: float, top: dict[int, float], rank: int | None = None
+) -> common_pb2.TokenLogprobs:
     return common_pb2.TokenLogprobs(
         logprob=logprob,
         top_logprobs=[common_pb2.Logprob(token_id=t, logprob=lp) for t, lp in top.items()],
+        rank=rank,
     )

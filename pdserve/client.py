@@ -55,6 +55,7 @@ class GenerationOptions:
     skip_special_tokens: bool | None = None
     n: int | None = None
     structured_outputs: StructuredOutputs | None = None  # json / regex / choice / grammar
+    prompt_logprobs: int | None = None  # top-N per prompt token (0: the prompt token's alone)
     allowed_token_ids: tuple[int, ...] = ()  # non-empty: only these tokens may be sampled
     logit_bias: Mapping[int, float] | None = None  # token id -> bias added to its logit
     bad_words: tuple[str, ...] = ()  # words the output never contains
@@ -65,6 +66,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the top-N alternatives
+    rank: int | None = None  # the token's 1-based rank (set for prompt logprobs)
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,6 +93,8 @@ class GenerationChunk:
     stop_reason: str | int | None = None
     prompt_token_ids: tuple[int, ...] = ()  # on the first chunk only
     usage: Usage | None = None  # on the last message only
+    # With prompt_logprobs: on each choice's first chunk, prompt tokens 1.. (not the first).
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(slots=True)
@@ -101,6 +105,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1..
 
 
 @dataclass(slots=True)
@@ -147,9 +152,11 @@ class GenerationStream:
         self._call = call
 
     def __iter__(self) -> Iterator[GenerationChunk]:
+        prompt_ids: list[int] = []  # from the first message: names the prompt logprobs' tokens
         try:
             for message in self._call:
-                yield _chunk(message)
+                prompt_ids = prompt_ids or list(message.prompt_token_ids)
+                yield _chunk(message, prompt_ids)
         except grpc.RpcError as exc:
             raise _call_error(exc) from exc
 
@@ -237,9 +244,11 @@ class AsyncGenerationStream:
         self._call = call
 
     async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        prompt_ids: list[int] = []  # from the first message: names the prompt logprobs' tokens
         try:
             async for message in self._call:
-                yield _chunk(message)
+                prompt_ids = prompt_ids or list(message.prompt_token_ids)
+                yield _chunk(message, prompt_ids)
         except grpc.RpcError as exc:
             raise _call_error(exc) from exc
 
@@ -361,13 +370,14 @@ def aggregate(chunks: Any) -> GenerationResult:
         choice.text += chunk.text
         choice.token_ids.extend(chunk.token_ids)
         choice.logprobs.extend(chunk.logprobs)
+        choice.prompt_logprobs.extend(chunk.prompt_logprobs)
         if chunk.finish_reason is not None:
             choice.finish_reason, choice.stop_reason = chunk.finish_reason, chunk.stop_reason
     ordered = [choices[i] for i in sorted(choices)]
     return GenerationResult(request_id, prompt_ids, ordered, usage)
 
 
-def _chunk(message: Any) -> GenerationChunk:
+def _chunk(message: Any, prompt_ids: list[int]) -> GenerationChunk:
     usage = None
     if message.HasField("usage"):
         u = message.usage
@@ -375,10 +385,10 @@ def _chunk(message: Any) -> GenerationChunk:
     stop_reason: str | int | None = message.stop_reason or None
     if message.HasField("stop_token_id"):
         stop_reason = message.stop_token_id
-    logprobs = tuple(
-        TokenLogprob(tid, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top_logprobs))
-        for tid, lp in zip(message.token_ids, message.logprobs, strict=False)
-    )
+    logprobs = _token_logprobs(message.token_ids, message.logprobs)
+    prompt_logprobs = ()
+    if len(message.prompt_logprobs):
+        prompt_logprobs = _token_logprobs(prompt_ids[1:], message.prompt_logprobs)
     return GenerationChunk(
         request_id=message.request_id,
         index=message.index,
@@ -389,6 +399,19 @@ def _chunk(message: Any) -> GenerationChunk:
         stop_reason=stop_reason,
         prompt_token_ids=tuple(message.prompt_token_ids),
         usage=usage,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _token_logprobs(token_ids: Any, messages: Any) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(
+            tid,
+            lp.logprob,
+            tuple((t.token_id, t.logprob) for t in lp.top_logprobs),
+            lp.rank if lp.HasField("rank") else None,
+        )
+        for tid, lp in zip(token_ids, messages, strict=False)
     )
 
 

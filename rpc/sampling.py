@@ -77,6 +77,6 @@ def add_max_logprobs_arg(group) -> None:
         "--max-logprobs",
         type=int,
         default=MAX_LOGPROBS,
-        help=f"most logprobs / top_logprobs a request may ask for, 0..{MAX_LOGPROBS} "
-        f"(default {MAX_LOGPROBS}); more is refused",
+        help=f"most logprobs / top_logprobs / prompt_logprobs a request may ask for, "
+        f"0..{MAX_LOGPROBS} (default {MAX_LOGPROBS}); more is refused",
     )

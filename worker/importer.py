@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from engine.engine_loop import EngineLoop, RequestStream
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from kvtransfer.client import KVTransferClient, PullResult
 from kvtransfer.exporter import KVExporter, ReadRequest
@@ -151,7 +152,9 @@ class KVImporter:
             released = True
             first_logprob = None
             if call.params.logprobs is not None:
-                first_logprob = (handle.first_logprob or 0.0, handle.first_top_logprobs or {})
+                first_logprob = TokenLogprob(
+                    handle.first_logprob or 0.0, handle.first_top_logprobs or {}
+                )
             await asyncio.wrap_future(
                 self._loop.commit_import(call.request_id, handle.first_token, first_logprob, stream)
             )

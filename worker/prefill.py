@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from engine.engine import EngineStats, LLMEngine
 from engine.engine_loop import EngineLoop, RequestStream
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from kvtransfer.exporter import KVExporter, WorkerIdentity
 from kvtransfer.handle import HANDLE_KEY_PURPOSE, KVHandle, sign_handle
@@ -53,6 +53,7 @@ class PrefillOutcome:
     handle: KVHandle
     num_prompt_tokens: int
     num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprob] | None = None  # with params.prompt_logprobs
 
 
 class PrefillWorker:
@@ -199,7 +200,7 @@ class PrefillWorker:
         except Exception:
             self.engine_loop.release_held(call.transfer_id)
             raise
-        top = out.new_logprobs[0][1] if out.new_logprobs else None
+        top = out.new_logprobs[0].top if out.new_logprobs else None
         handle = KVHandle(
             engine_id=self.identity.engine_id,
             epoch=self.identity.epoch,
@@ -216,7 +217,9 @@ class PrefillWorker:
         )
         if self._handle_key is not None:
             handle = sign_handle(handle, self._handle_key, handle.lease_ms)
-        return PrefillOutcome(handle, result.num_prompt_tokens, out.num_cached_tokens)
+        return PrefillOutcome(
+            handle, result.num_prompt_tokens, out.num_cached_tokens, out.prompt_logprobs
+        )
 
     def _lease_ms_left(self, lease: Lease) -> int:
         return max(0, int((lease.expires_at - time.monotonic()) * 1000))

@@ -50,6 +50,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 completion_tokens=1,
                 cached_prompt_tokens=outcome.num_cached_tokens,
             ),
+            prompt_logprobs=wire.logprobs_to_pb(outcome.prompt_logprobs),
         )
 
     async def Release(self, request, context):

@@ -20,9 +20,10 @@ def sampling_params_from_pb(
     """Unset fields keep the engine's defaults. Raises ValueError on invalid values, and on
     more logprobs than `max_logprobs` (the worker's --max-logprobs)."""
     values = fields_from_pb(msg)
-    logprobs = values.get("logprobs")
-    if logprobs is not None and logprobs > max_logprobs:
-        raise ValueError(f"logprobs must be in [0, {max_logprobs}], got {logprobs}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = values.get(name)
+        if value is not None and value > max_logprobs:
+            raise ValueError(f"{name} must be in [0, {max_logprobs}], got {value}")
     if values.get("top_k", 0) < 0:
         values["top_k"] = 0  # vLLM: -1 disables
     values["stop_token_ids"] = list(values["stop_token_ids"])
@@ -39,13 +40,15 @@ def prompt_from_pb(ids) -> list[int]:
 
 
 def logprobs_to_pb(logprobs: list[TokenLogprob] | None) -> list[common_pb2.TokenLogprobs]:
-    return [token_logprobs_to_pb(lp, top) for lp, top in (logprobs or [])]
+    return [token_logprobs_to_pb(lp.logprob, lp.top, lp.rank) for lp in (logprobs or [])]
 
 
 def chunk_from_output(out: RequestOutput, num_completion_tokens: int) -> worker_pb2.DecodeChunk:
     """One DecodeChunk per engine output; the last one carries finish_reason and usage."""
     chunk = worker_pb2.DecodeChunk(
-        token_ids=out.new_token_ids, logprobs=logprobs_to_pb(out.new_logprobs)
+        token_ids=out.new_token_ids,
+        logprobs=logprobs_to_pb(out.new_logprobs),
+        prompt_logprobs=logprobs_to_pb(out.prompt_logprobs),  # prefilled here: first chunk
     )
     if out.finished:
         chunk.finish_reason = finish_reason_to_pb(out.finish_reason)

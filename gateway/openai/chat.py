@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.core import GatewayCore
 from gateway.openai.choices import ChoiceResult, collect, usage_body
 from gateway.openai.common import ResponseMeta, check_model, open_runs
-from gateway.openai.logprobs import chat_logprobs
+from gateway.openai.logprobs import chat_logprobs, prompt_logprobs_body
 from gateway.openai.protocol import ChatCompletionRequest
 from gateway.openai.streaming import DONE, merged, sse, start_sse, unless_disconnected
 from gateway.openai.tools import ToolPlan, call_objects, plan_tools
@@ -89,6 +89,10 @@ def _response_body(
         "model": meta.model,
         "choices": choices,
         "usage": usage_body([run]),
+        # vLLM's: one list for the request (every choice has the same prompt)
+        "prompt_logprobs": prompt_logprobs_body(core.tokenizer, results[0].prompt_logprobs)
+        if run.params.prompt_logprobs is not None
+        else None,
     }
 
 
@@ -121,7 +125,13 @@ async def _events(
                 "logprobs": None,
                 "finish_reason": None,
             }
-            yield sse({**head, "choices": [role], "usage": _usage(run, continuous_usage)})
+            chunk = {**head, "choices": [role], "usage": _usage(run, continuous_usage)}
+            if run.params.prompt_logprobs is not None and len(started) == 1:
+                # vLLM refuses them streamed; here the first chunk has them, top-level as in
+                # the non-streamed response.
+                prompt = prompt_logprobs_body(core.tokenizer, delta.prompt_logprobs)
+                chunk["prompt_logprobs"] = prompt
+            yield sse(chunk)
         content: dict[str, Any] = {"content": delta.text} if delta.text else {}
         finish_reason = delta.finish_reason
         if plan.parses:

@@ -12,11 +12,11 @@ from gateway.core import GatewayCore
 from gateway.errors import invalid
 from gateway.openai.choices import ChoiceResult, collect, usage_body
 from gateway.openai.common import ResponseMeta, check_model, open_runs
-from gateway.openai.logprobs import completion_logprobs
+from gateway.openai.logprobs import completion_logprobs, prompt_logprobs_body
 from gateway.openai.protocol import CompletionRequest
 from gateway.openai.streaming import DONE, merged, sse, start_sse, unless_disconnected
 from gateway.request_run import RequestRun
-from gateway.schema import GenerateRequest, Prompt, TextPrompt, TokenPrompt
+from gateway.schema import GenerateRequest, GenerationParams, Prompt, TextPrompt, TokenPrompt
 
 
 async def create_completion(
@@ -66,16 +66,23 @@ def _echo_text(core: GatewayCore, prompt: Prompt, run: RequestRun, *, truncated:
 
 
 def _choice_body(
-    core: GatewayCore, c: ChoiceResult, echo: str, logprobs: bool, as_ids: bool
+    core: GatewayCore,
+    c: ChoiceResult,
+    echo: str,
+    params: GenerationParams,
+    as_ids: bool,
 ) -> dict[str, Any]:
     return {
         "index": c.index,
         "text": echo + c.text,
         "logprobs": completion_logprobs(core.tokenizer, c.logprobs, len(echo), as_ids)
-        if logprobs
+        if params.logprobs is not None
         else None,
         "finish_reason": c.finish_reason,
         "stop_reason": c.stop_reason,
+        "prompt_logprobs": prompt_logprobs_body(core.tokenizer, c.prompt_logprobs)
+        if params.prompt_logprobs is not None
+        else None,
     }
 
 
@@ -87,9 +94,8 @@ def _response_body(
     results: Sequence[ChoiceResult],
     as_ids: bool = False,
 ) -> dict[str, Any]:
-    n = runs[0].params.n
-    logprobs = runs[0].params.logprobs is not None
-    choices = [_choice_body(core, c, echoes[c.index // n], logprobs, as_ids) for c in results]
+    params = runs[0].params
+    choices = [_choice_body(core, c, echoes[c.index // params.n], params, as_ids) for c in results]
     return {
         "id": meta.id,
         "object": "text_completion",
@@ -111,6 +117,10 @@ async def _events(
 ) -> AsyncIterator[str]:
     n = runs[0].params.n
     want_logprobs = runs[0].params.logprobs is not None
+    # vLLM refuses prompt_logprobs when streaming; here each choice's first chunk has them.
+    prompt_pending = (
+        set(range(n * len(runs))) if runs[0].params.prompt_logprobs is not None else set()
+    )
     offsets: dict[int, int] = {}  # choice index -> characters sent so far
     head = {
         "id": meta.id,
@@ -124,7 +134,8 @@ async def _events(
         if index not in offsets:
             text = echoes[run_index] + text
             offsets[index] = len(echoes[run_index])
-        if not (text or delta.finish_reason or (want_logprobs and delta.token_ids)):
+        with_prompt = index in prompt_pending
+        if not (text or delta.finish_reason or (want_logprobs and delta.token_ids) or with_prompt):
             continue
         logprobs = None
         if want_logprobs:
@@ -139,6 +150,9 @@ async def _events(
             "finish_reason": delta.finish_reason,
             "stop_reason": delta.stop_reason,
         }
+        if with_prompt:
+            prompt_pending.discard(index)
+            choice["prompt_logprobs"] = prompt_logprobs_body(core.tokenizer, delta.prompt_logprobs)
         yield sse(
             {**head, "choices": [choice], "usage": usage_body(runs) if continuous_usage else None}
         )

@@ -1,4 +1,5 @@
-"""Logprobs in OpenAI's two shapes: completions (parallel lists) and chat (a list of entries)."""
+"""Logprobs in OpenAI's two shapes, completions (parallel lists) and chat (a list of entries), and
+vLLM's `prompt_logprobs`."""
 
 from __future__ import annotations
 
@@ -69,3 +70,28 @@ def _token_entry(
 ) -> dict[str, Any]:
     token = _name(tokenizer, token_id, as_ids)
     return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def prompt_logprobs_body(
+    tokenizer: TokenTexts, logprobs: Sequence[TokenLogprob] | None
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token (nothing predicts it), then per
+    prompt token {token_id: {logprob, rank, decoded_token}} holding that token first and the
+    top-N ranked 1, 2, ... (keys are token ids as JSON strings)."""
+    body: list[dict[str, dict[str, Any]] | None] = [None]
+    for lp in logprobs or ():
+        entry = {str(lp.token_id): _vllm_logprob(tokenizer, lp.token_id, lp.logprob, lp.rank)}
+        for rank, (token_id, logprob) in enumerate(lp.top, start=1):
+            entry[str(token_id)] = _vllm_logprob(tokenizer, token_id, logprob, rank)
+        body.append(entry)
+    return body
+
+
+def _vllm_logprob(
+    tokenizer: TokenTexts, token_id: int, logprob: float, rank: int | None
+) -> dict[str, Any]:
+    return {
+        "logprob": _finite(logprob),
+        "rank": rank,
+        "decoded_token": tokenizer.token_text(token_id),
+    }

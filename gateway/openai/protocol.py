@@ -109,6 +109,7 @@ class _SamplingRequest(_Body):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_tokens_as_token_ids: StrictBool = False  # logprobs name tokens `token_id:N`
+    prompt_logprobs: int | None = None  # top-N per prompt token (0: the prompt token's alone)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens (-1: the context)
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs, vLLM's older names
     response_format: ResponseFormat | None = None
@@ -184,6 +185,7 @@ class _SamplingRequest(_Body):
             skip_special_tokens=self.skip_special_tokens,
             n=self.n,
             structured_outputs=self.structured(),
+            prompt_logprobs=self.prompt_logprobs,
             allowed_token_ids=tuple(self.allowed_token_ids or ()),
             bad_words=tuple(self.bad_words or ()),
             logit_bias=_logit_bias(self.logit_bias),
@@ -209,7 +211,9 @@ class CompletionRequest(_SamplingRequest):
         if self.best_of is not None and self.best_of != self.n:
             raise invalid("best_of is not supported (it must be unset or equal to n)", "best_of")
         if self.echo and self.logprobs is not None:
-            raise invalid("echo with logprobs is not supported (no prompt logprobs)", "echo")
+            raise invalid(
+                "echo with logprobs is not supported (prompt_logprobs gives the prompt's)", "echo"
+            )
         # The generation config's max_new_tokens, if any, replaces both fallbacks (vLLM keeps
         # 16 for an absent max_tokens; we take the model's default, as for every other field).
         fallback = None if "max_tokens" in self.model_fields_set else CONTRACT_MAX_TOKENS

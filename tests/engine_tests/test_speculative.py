@@ -156,7 +156,8 @@ def test_stop_tokens_and_logprobs_match_plain_decoding(tiny_llama, reference):
     for a, b in zip(spec, plain, strict=True):
         for la, lb in zip(a.logprobs, b.logprobs, strict=True):
             assert la.keys() == lb.keys()
-            assert all(abs(la[t] - lb[t]) < 1e-4 for t in la)
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
+            assert all(la[t].rank == lb[t].rank for t in la)
 
 
 def test_speculation_is_off_above_the_batch_size_threshold(tiny_llama, reference):

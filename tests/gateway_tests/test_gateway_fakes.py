@@ -142,6 +142,25 @@ def _token_logprobs(sampling, token_id: int) -> common_pb2.TokenLogprobs:
     return common_pb2.TokenLogprobs(logprob=-0.5, top_logprobs=top)
 
 
+def prompt_logprobs(role: str, request) -> list[common_pb2.TokenLogprobs]:
+    """Made-up prompt logprobs, as a worker of `role` computes them: prompt token i + 1 at
+    FAKE_PROMPT_LOGPROB[role] - i / 8 with rank i + 1; the top-N are token ids 0, 1, ..."""
+    if not request.sampling.HasField("prompt_logprobs"):
+        return []
+    top = [
+        common_pb2.Logprob(token_id=k, logprob=-0.25 * (k + 1))
+        for k in range(request.sampling.prompt_logprobs)
+    ]
+    base = FAKE_PROMPT_LOGPROB[role]
+    return [
+        common_pb2.TokenLogprobs(logprob=base - i / 8, rank=i + 1, top_logprobs=top)
+        for i in range(len(request.prompt_token_ids) - 1)
+    ]
+
+
+FAKE_PROMPT_LOGPROB = {"prefill": -1.0, "decode": -2.0}  # tells who computed them
+
+
 class _Prefill(worker_pb2_grpc.PrefillServiceServicer):
     def __init__(self, worker: FakeWorker) -> None:
         self.w = worker
@@ -161,7 +180,9 @@ class _Prefill(worker_pb2_grpc.PrefillServiceServicer):
             lease_ms=30000,
         )
         usage = common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=1)
-        return worker_pb2.PrefillResponse(handle=handle, usage=usage)
+        return worker_pb2.PrefillResponse(
+            handle=handle, usage=usage, prompt_logprobs=prompt_logprobs("prefill", request)
+        )
 
     def Release(self, request, context):
         self.w.calls.add("releases", request.transfer_id)
@@ -191,6 +212,8 @@ class _Decode(worker_pb2_grpc.DecodeServiceServicer):
             if i and self.w.token_delay_s:
                 time.sleep(self.w.token_delay_s)
             chunk = worker_pb2.DecodeChunk(token_ids=[token_id])
+            if i == 0 and not request.HasField("kv_handle"):  # prefilled here
+                chunk.prompt_logprobs.extend(prompt_logprobs("decode", request))
             if want_lp:
                 chunk.logprobs.append(_token_logprobs(request.sampling, token_id))
             if i == len(ids) - 1:

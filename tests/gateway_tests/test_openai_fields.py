@@ -57,7 +57,7 @@ COMMON = [
     ("length_penalty", 0.5, NO, {}),
     ("spaces_between_special_tokens", False, NO, {}),
     ("truncate_prompt_tokens", 4, OK, {}),
-    ("prompt_logprobs", 1, NO, {}),
+    ("prompt_logprobs", 1, OK, {}),
     ("allowed_token_ids", [5, 6], OK, {}),
     ("bad_words", ["x"], OK, {}),
     ("priority", 1, META, {}),

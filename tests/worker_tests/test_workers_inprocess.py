@@ -339,10 +339,10 @@ def test_logprobs_survive_disaggregation(tiny_llama):
             )  # fmt: skip
             got = [lp async for chunk in dstub.Decode(req, timeout=30) for lp in chunk.logprobs]
         assert len(got) == len(expected) == 5
-        for lp, (ref_lp, ref_top) in zip(got, expected, strict=True):
-            assert lp.logprob == pytest.approx(ref_lp, abs=1e-4)
+        for lp, ref in zip(got, expected, strict=True):
+            assert lp.logprob == pytest.approx(ref.logprob, abs=1e-4)
             top = {t.token_id: t.logprob for t in lp.top_logprobs}
-            assert top.keys() == ref_top.keys()
+            assert top.keys() == ref.top.keys()
 
     asyncio.run(main())
 

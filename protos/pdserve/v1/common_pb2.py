@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/pdserve/v1/common.proto\x12\npdserve.v1\"\xe0\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\rH\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\rH\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\x0b\x88\x01\x01\x12\x39\n\x12structured_outputs\x18\x0e \x01(\x0b\x32\x1d.pdserve.v1.StructuredOutputs\x12\x19\n\x11\x61llowed_token_ids\x18\x14 \x03(\r\x12=\n\nlogit_bias\x18\x15 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x11\n\tbad_words\x18\x16 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\xa9\x01\n\x11StructuredOutputs\x12\x11\n\x04json\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05regex\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06\x63hoice\x18\x03 \x03(\t\x12\x14\n\x07grammar\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x18\n\x0bjson_object\x18\x05 \x01(\x08H\x03\x88\x01\x01\x42\x07\n\x05_jsonB\x08\n\x06_regexB\n\n\x08_grammarB\x0e\n\x0c_json_object\",\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"K\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12)\n\x0ctop_logprobs\x18\x02 \x03(\x0b\x32\x13.pdserve.v1.Logprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xd5\x05\n\nLoadReport\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x10\n\x08num_held\x18\n \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\x12\x0f\n\x07serving\x18\x0c \x01(\x08\x12\x1f\n\x17kv_transfer_bytes_total\x18\r \x01(\x04\x12!\n\x19kv_transfer_seconds_total\x18\x0e \x01(\x01\x12\x12\n\nblock_size\x18\x0f \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x10 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x11 \x01(\x04\x12\x1e\n\x16spec_decode_num_drafts\x18\x12 \x01(\x04\x12$\n\x1cspec_decode_num_draft_tokens\x18\x13 \x01(\x04\x12\'\n\x1fspec_decode_num_accepted_tokens\x18\x14 \x01(\x04\x12&\n\x1espec_decode_num_emitted_tokens\x18\x15 \x01(\x04\x12/\n\'spec_decode_num_accepted_tokens_per_pos\x18\x16 \x03(\x04\x12 \n\x18queue_time_bucket_counts\x18\x17 \x03(\x04\x12\x16\n\x0equeue_time_sum\x18\x18 \x01(\x01\x12&\n\x1eiteration_tokens_bucket_counts\x18\x19 \x03(\x04\x12\x1c\n\x14iteration_tokens_sum\x18\x1a \x01(\x01\"]\n\x12GetKVEventsRequest\x12\x16\n\tafter_seq\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nmax_events\x18\x03 \x01(\rB\x0c\n\n_after_seq\"S\n\x07KVEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.pdserve.v1.KVEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\"\xad\x01\n\x10KVEventsResponse\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\x12\x13\n\x0bis_snapshot\x18\x05 \x01(\x08\x12\x17\n\x0fsnapshot_hashes\x18\x06 \x03(\x06\x12#\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x13.pdserve.v1.KVEvent\"\x10\n\x0eGetLoadRequest\"\x16\n\x14GetDebugStateRequest\"\xea\x01\n\nDebugState\x12\x17\n\x0fnum_free_blocks\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x17\n\x0fnum_held_leases\x18\x03 \x01(\r\x12\x19\n\x11held_transfer_ids\x18\x04 \x03(\t\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x1b\n\x13num_pending_imports\x18\x07 \x01(\r\x12\x18\n\x10num_shm_segments\x18\x08 \x01(\r\x12\x1a\n\x12num_active_streams\x18\t \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*|\n\x0bKVEventKind\x12\x1d\n\x19KV_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_EVENT_KIND_STORED\x10\x01\x12\x19\n\x15KV_EVENT_KIND_REMOVED\x10\x02\x12\x19\n\x15KV_EVENT_KIND_CLEARED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/pdserve/v1/common.proto\x12\npdserve.v1\"\x92\x06\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\rH\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\rH\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\x0b\x88\x01\x01\x12\x39\n\x12structured_outputs\x18\x0e \x01(\x0b\x32\x1d.pdserve.v1.StructuredOutputs\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x14 \x03(\r\x12=\n\nlogit_bias\x18\x15 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x11\n\tbad_words\x18\x16 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xa9\x01\n\x11StructuredOutputs\x12\x11\n\x04json\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05regex\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06\x63hoice\x18\x03 \x03(\t\x12\x14\n\x07grammar\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x18\n\x0bjson_object\x18\x05 \x01(\x08H\x03\x88\x01\x01\x42\x07\n\x05_jsonB\x08\n\x06_regexB\n\n\x08_grammarB\x0e\n\x0c_json_object\",\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"g\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12)\n\x0ctop_logprobs\x18\x02 \x03(\x0b\x32\x13.pdserve.v1.Logprob\x12\x11\n\x04rank\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_rank\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xd5\x05\n\nLoadReport\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x10\n\x08num_held\x18\n \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\x12\x0f\n\x07serving\x18\x0c \x01(\x08\x12\x1f\n\x17kv_transfer_bytes_total\x18\r \x01(\x04\x12!\n\x19kv_transfer_seconds_total\x18\x0e \x01(\x01\x12\x12\n\nblock_size\x18\x0f \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x10 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x11 \x01(\x04\x12\x1e\n\x16spec_decode_num_drafts\x18\x12 \x01(\x04\x12$\n\x1cspec_decode_num_draft_tokens\x18\x13 \x01(\x04\x12\'\n\x1fspec_decode_num_accepted_tokens\x18\x14 \x01(\x04\x12&\n\x1espec_decode_num_emitted_tokens\x18\x15 \x01(\x04\x12/\n\'spec_decode_num_accepted_tokens_per_pos\x18\x16 \x03(\x04\x12 \n\x18queue_time_bucket_counts\x18\x17 \x03(\x04\x12\x16\n\x0equeue_time_sum\x18\x18 \x01(\x01\x12&\n\x1eiteration_tokens_bucket_counts\x18\x19 \x03(\x04\x12\x1c\n\x14iteration_tokens_sum\x18\x1a \x01(\x01\"]\n\x12GetKVEventsRequest\x12\x16\n\tafter_seq\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nmax_events\x18\x03 \x01(\rB\x0c\n\n_after_seq\"S\n\x07KVEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.pdserve.v1.KVEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\"\xad\x01\n\x10KVEventsResponse\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\x12\x13\n\x0bis_snapshot\x18\x05 \x01(\x08\x12\x17\n\x0fsnapshot_hashes\x18\x06 \x03(\x06\x12#\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x13.pdserve.v1.KVEvent\"\x10\n\x0eGetLoadRequest\"\x16\n\x14GetDebugStateRequest\"\xea\x01\n\nDebugState\x12\x17\n\x0fnum_free_blocks\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x17\n\x0fnum_held_leases\x18\x03 \x01(\r\x12\x19\n\x11held_transfer_ids\x18\x04 \x03(\t\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x1b\n\x13num_pending_imports\x18\x07 \x01(\r\x12\x18\n\x10num_shm_segments\x18\x08 \x01(\r\x12\x1a\n\x12num_active_streams\x18\t \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*|\n\x0bKVEventKind\x12\x1d\n\x19KV_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_EVENT_KIND_STORED\x10\x01\x12\x19\n\x15KV_EVENT_KIND_REMOVED\x10\x02\x12\x19\n\x15KV_EVENT_KIND_CLEARED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2532
-  _globals['_FINISHREASON']._serialized_end=2652
-  _globals['_KVEVENTKIND']._serialized_start=2654
-  _globals['_KVEVENTKIND']._serialized_end=2778
+  _globals['_FINISHREASON']._serialized_start=2610
+  _globals['_FINISHREASON']._serialized_end=2730
+  _globals['_KVEVENTKIND']._serialized_start=2732
+  _globals['_KVEVENTKIND']._serialized_end=2856
   _globals['_SAMPLINGPARAMS']._serialized_start=47
-  _globals['_SAMPLINGPARAMS']._serialized_end=783
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=556
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=604
-  _globals['_STRUCTUREDOUTPUTS']._serialized_start=786
-  _globals['_STRUCTUREDOUTPUTS']._serialized_end=955
-  _globals['_LOGPROB']._serialized_start=957
-  _globals['_LOGPROB']._serialized_end=1001
-  _globals['_TOKENLOGPROBS']._serialized_start=1003
-  _globals['_TOKENLOGPROBS']._serialized_end=1078
-  _globals['_USAGE']._serialized_start=1080
-  _globals['_USAGE']._serialized_end=1167
-  _globals['_LOADREPORT']._serialized_start=1170
-  _globals['_LOADREPORT']._serialized_end=1895
-  _globals['_GETKVEVENTSREQUEST']._serialized_start=1897
-  _globals['_GETKVEVENTSREQUEST']._serialized_end=1990
-  _globals['_KVEVENT']._serialized_start=1992
-  _globals['_KVEVENT']._serialized_end=2075
-  _globals['_KVEVENTSRESPONSE']._serialized_start=2078
-  _globals['_KVEVENTSRESPONSE']._serialized_end=2251
-  _globals['_GETLOADREQUEST']._serialized_start=2253
-  _globals['_GETLOADREQUEST']._serialized_end=2269
-  _globals['_GETDEBUGSTATEREQUEST']._serialized_start=2271
-  _globals['_GETDEBUGSTATEREQUEST']._serialized_end=2293
-  _globals['_DEBUGSTATE']._serialized_start=2296
-  _globals['_DEBUGSTATE']._serialized_end=2530
+  _globals['_SAMPLINGPARAMS']._serialized_end=833
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=586
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=634
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=836
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1005
+  _globals['_LOGPROB']._serialized_start=1007
+  _globals['_LOGPROB']._serialized_end=1051
+  _globals['_TOKENLOGPROBS']._serialized_start=1053
+  _globals['_TOKENLOGPROBS']._serialized_end=1156
+  _globals['_USAGE']._serialized_start=1158
+  _globals['_USAGE']._serialized_end=1245
+  _globals['_LOADREPORT']._serialized_start=1248
+  _globals['_LOADREPORT']._serialized_end=1973
+  _globals['_GETKVEVENTSREQUEST']._serialized_start=1975
+  _globals['_GETKVEVENTSREQUEST']._serialized_end=2068
+  _globals['_KVEVENT']._serialized_start=2070
+  _globals['_KVEVENT']._serialized_end=2153
+  _globals['_KVEVENTSRESPONSE']._serialized_start=2156
+  _globals['_KVEVENTSRESPONSE']._serialized_end=2329
+  _globals['_GETLOADREQUEST']._serialized_start=2331
+  _globals['_GETLOADREQUEST']._serialized_end=2347
+  _globals['_GETDEBUGSTATEREQUEST']._serialized_start=2349
+  _globals['_GETDEBUGSTATEREQUEST']._serialized_end=2371
+  _globals['_DEBUGSTATE']._serialized_start=2374
+  _globals['_DEBUGSTATE']._serialized_end=2608
 # @@protoc_insertion_point(module_scope)

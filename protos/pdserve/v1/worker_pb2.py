@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.pdserve.v1 import common_pb2 as protos_dot_pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x1eprotos/pdserve/v1/common.proto\"\xa5\x01\n\x0ePrefillRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\x08lease_ms\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_lease_ms\"\xc4\x02\n\x08KVHandle\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x0bkv_endpoint\x18\x03 \x01(\t\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x07 \x01(\r\x12\x15\n\rfirst_logprob\x18\x08 \x01(\x02\x12\x37\n\x14\x66irst_token_logprobs\x18\t \x01(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x10\n\x08lease_ms\x18\n \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\x0b \x01(\t\x12\x0f\n\x07host_id\x18\x0c \x01(\t\x12\x15\n\rexpires_at_ms\x18\r \x01(\x04\x12\x11\n\tsignature\x18\x0e \x01(\x0c\"Y\n\x0fPrefillResponse\x12$\n\x06handle\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.Usage\"%\n\x0eReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x94\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\'\n\tkv_handle\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\"\xa0\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12+\n\x08logprobs\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\x32\xef\x02\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponse\x12=\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\x12I\n\rGetDebugState\x12 .pdserve.v1.GetDebugStateRequest\x1a\x16.pdserve.v1.DebugState\x12K\n\x0bGetKVEvents\x12\x1e.pdserve.v1.GetKVEventsRequest\x1a\x1c.pdserve.v1.KVEventsResponse2\xe4\x02\n\rDecodeService\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\x12I\n\rGetDebugState\x12 .pdserve.v1.GetDebugStateRequest\x1a\x16.pdserve.v1.DebugState\x12K\n\x0bGetKVEvents\x12\x1e.pdserve.v1.GetKVEventsRequest\x1a\x1c.pdserve.v1.KVEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x1eprotos/pdserve/v1/common.proto\"\xa5\x01\n\x0ePrefillRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\x08lease_ms\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_lease_ms\"\xc4\x02\n\x08KVHandle\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x0bkv_endpoint\x18\x03 \x01(\t\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x07 \x01(\r\x12\x15\n\rfirst_logprob\x18\x08 \x01(\x02\x12\x37\n\x14\x66irst_token_logprobs\x18\t \x01(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x10\n\x08lease_ms\x18\n \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\x0b \x01(\t\x12\x0f\n\x07host_id\x18\x0c \x01(\t\x12\x15\n\rexpires_at_ms\x18\r \x01(\x04\x12\x11\n\tsignature\x18\x0e \x01(\x0c\"\x8d\x01\n\x0fPrefillResponse\x12$\n\x06handle\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x32\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"%\n\x0eReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x94\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\'\n\tkv_handle\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\"\xd4\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12+\n\x08logprobs\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x32\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\x32\xef\x02\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponse\x12=\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\x12I\n\rGetDebugState\x12 .pdserve.v1.GetDebugStateRequest\x1a\x16.pdserve.v1.DebugState\x12K\n\x0bGetKVEvents\x12\x1e.pdserve.v1.GetKVEventsRequest\x1a\x1c.pdserve.v1.KVEventsResponse2\xe4\x02\n\rDecodeService\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\x12I\n\rGetDebugState\x12 .pdserve.v1.GetDebugStateRequest\x1a\x16.pdserve.v1.DebugState\x12K\n\x0bGetKVEvents\x12\x1e.pdserve.v1.GetKVEventsRequest\x1a\x1c.pdserve.v1.KVEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +36,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_end=244
   _globals['_KVHANDLE']._serialized_start=247
   _globals['_KVHANDLE']._serialized_end=571
-  _globals['_PREFILLRESPONSE']._serialized_start=573
-  _globals['_PREFILLRESPONSE']._serialized_end=662
-  _globals['_RELEASEREQUEST']._serialized_start=664
-  _globals['_RELEASEREQUEST']._serialized_end=701
-  _globals['_RELEASERESPONSE']._serialized_start=703
-  _globals['_RELEASERESPONSE']._serialized_end=738
-  _globals['_DECODEREQUEST']._serialized_start=741
-  _globals['_DECODEREQUEST']._serialized_end=889
-  _globals['_DECODECHUNK']._serialized_start=892
-  _globals['_DECODECHUNK']._serialized_end=1052
-  _globals['_ABORTREQUEST']._serialized_start=1054
-  _globals['_ABORTREQUEST']._serialized_end=1088
-  _globals['_ABORTRESPONSE']._serialized_start=1090
-  _globals['_ABORTRESPONSE']._serialized_end=1122
-  _globals['_PREFILLSERVICE']._serialized_start=1125
-  _globals['_PREFILLSERVICE']._serialized_end=1492
-  _globals['_DECODESERVICE']._serialized_start=1495
-  _globals['_DECODESERVICE']._serialized_end=1851
+  _globals['_PREFILLRESPONSE']._serialized_start=574
+  _globals['_PREFILLRESPONSE']._serialized_end=715
+  _globals['_RELEASEREQUEST']._serialized_start=717
+  _globals['_RELEASEREQUEST']._serialized_end=754
+  _globals['_RELEASERESPONSE']._serialized_start=756
+  _globals['_RELEASERESPONSE']._serialized_end=791
+  _globals['_DECODEREQUEST']._serialized_start=794
+  _globals['_DECODEREQUEST']._serialized_end=942
+  _globals['_DECODECHUNK']._serialized_start=945
+  _globals['_DECODECHUNK']._serialized_end=1157
+  _globals['_ABORTREQUEST']._serialized_start=1159
+  _globals['_ABORTREQUEST']._serialized_end=1193
+  _globals['_ABORTRESPONSE']._serialized_start=1195
+  _globals['_ABORTRESPONSE']._serialized_end=1227
+  _globals['_PREFILLSERVICE']._serialized_start=1230
+  _globals['_PREFILLSERVICE']._serialized_end=1597
+  _globals['_DECODESERVICE']._serialized_start=1600
+  _globals['_DECODESERVICE']._serialized_end=1956
 # @@protoc_insertion_point(module_scope)
