@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -12,11 +13,16 @@ from gateway.core import GatewayCore
 from gateway.errors import invalid
 from gateway.openai.choices import ChoiceResult, collect, usage_body
 from gateway.openai.common import ResponseMeta, check_model, open_runs
-from gateway.openai.logprobs import completion_logprobs, prompt_logprobs_body
+from gateway.openai.logprobs import (
+    completion_logprobs,
+    echoed_prompt_logprobs,
+    join_logprobs,
+    prompt_logprobs_body,
+)
 from gateway.openai.protocol import CompletionRequest
 from gateway.openai.streaming import DONE, merged, sse, start_sse, unless_disconnected
 from gateway.request_run import RequestRun
-from gateway.schema import GenerateRequest, GenerationParams, Prompt, TextPrompt, TokenPrompt
+from gateway.schema import GenerateRequest, Prompt, TextPrompt, TokenLogprob, TokenPrompt
 
 
 async def create_completion(
@@ -34,14 +40,44 @@ async def create_completion(
         _echo_text(core, p, r, truncated=keep is not None) if body.echo else ""
         for p, r in zip(prompts, runs, strict=True)
     ]
+    shape = _Shape(
+        as_ids=body.return_tokens_as_token_ids,
+        prompt_logprobs=body.prompt_logprobs is not None,
+        echo_logprobs=body.echo_logprobs,
+    )
     if body.stream:
         events = _events(core, meta, runs, echoes, body.include_usage, body.continuous_usage,
-                         as_ids=body.return_tokens_as_token_ids)  # fmt: skip
+                         shape)  # fmt: skip
         return await start_sse(request, events)
     results = await unless_disconnected(request, collect(merged(runs), params.n, len(runs)))
-    return JSONResponse(
-        _response_body(core, meta, runs, echoes, results, body.return_tokens_as_token_ids)
-    )
+    return JSONResponse(_response_body(core, meta, runs, echoes, results, shape))
+
+
+@dataclass(slots=True, frozen=True)
+class _Shape:
+    """What the choices carry beyond text: tokens named by id, vLLM's prompt_logprobs (asked
+    for), and under echo with logprobs the prompt's tokens in the logprobs."""
+
+    as_ids: bool = False
+    prompt_logprobs: bool = False
+    echo_logprobs: bool = False
+
+    def logprobs(
+        self,
+        core: GatewayCore,
+        run: RequestRun,
+        logprobs: Sequence[TokenLogprob],
+        offset: int,
+        prompt_logprobs: Sequence[TokenLogprob] | None = None,
+        first: bool = True,
+    ) -> dict[str, Any]:
+        """The completion logprobs of (a delta of) one choice, from text offset `offset`; under
+        echo, a choice's first part starts with the prompt's tokens."""
+        tail = completion_logprobs(core.tokenizer, logprobs, offset, self.as_ids)
+        if not (self.echo_logprobs and first):
+            return tail
+        head = echoed_prompt_logprobs(core.tokenizer, run.prompt_ids, prompt_logprobs, self.as_ids)
+        return join_logprobs(head, tail)
 
 
 def _prompts(
@@ -66,22 +102,18 @@ def _echo_text(core: GatewayCore, prompt: Prompt, run: RequestRun, *, truncated:
 
 
 def _choice_body(
-    core: GatewayCore,
-    c: ChoiceResult,
-    echo: str,
-    params: GenerationParams,
-    as_ids: bool,
+    core: GatewayCore, run: RequestRun, c: ChoiceResult, echo: str, shape: _Shape
 ) -> dict[str, Any]:
     return {
         "index": c.index,
         "text": echo + c.text,
-        "logprobs": completion_logprobs(core.tokenizer, c.logprobs, len(echo), as_ids)
-        if params.logprobs is not None
+        "logprobs": shape.logprobs(core, run, c.logprobs, len(echo), c.prompt_logprobs)
+        if run.params.logprobs is not None
         else None,
         "finish_reason": c.finish_reason,
         "stop_reason": c.stop_reason,
         "prompt_logprobs": prompt_logprobs_body(core.tokenizer, c.prompt_logprobs)
-        if params.prompt_logprobs is not None
+        if shape.prompt_logprobs
         else None,
     }
 
@@ -92,10 +124,12 @@ def _response_body(
     runs: Sequence[RequestRun],
     echoes: Sequence[str],
     results: Sequence[ChoiceResult],
-    as_ids: bool = False,
+    shape: _Shape,
 ) -> dict[str, Any]:
-    params = runs[0].params
-    choices = [_choice_body(core, c, echoes[c.index // params.n], params, as_ids) for c in results]
+    n = runs[0].params.n
+    choices = [
+        _choice_body(core, runs[c.index // n], c, echoes[c.index // n], shape) for c in results
+    ]
     return {
         "id": meta.id,
         "object": "text_completion",
@@ -113,14 +147,12 @@ async def _events(
     echoes: Sequence[str],
     include_usage: bool,
     continuous_usage: bool,
-    as_ids: bool = False,
+    shape: _Shape,
 ) -> AsyncIterator[str]:
     n = runs[0].params.n
     want_logprobs = runs[0].params.logprobs is not None
     # vLLM refuses prompt_logprobs when streaming; here each choice's first chunk has them.
-    prompt_pending = (
-        set(range(n * len(runs))) if runs[0].params.prompt_logprobs is not None else set()
-    )
+    prompt_pending = set(range(n * len(runs))) if shape.prompt_logprobs else set()
     offsets: dict[int, int] = {}  # choice index -> characters sent so far
     head = {
         "id": meta.id,
@@ -131,17 +163,22 @@ async def _events(
     async for run_index, delta in merged(runs):
         index = run_index * n + delta.index
         text = delta.text
-        if index not in offsets:
+        first = index not in offsets
+        if first:
             text = echoes[run_index] + text
             offsets[index] = len(echoes[run_index])
         with_prompt = index in prompt_pending
-        if not (text or delta.finish_reason or (want_logprobs and delta.token_ids) or with_prompt):
+        if not (
+            text or delta.finish_reason or (want_logprobs and (delta.token_ids or first))
+            or with_prompt
+        ):  # fmt: skip
             continue
         logprobs = None
         if want_logprobs:
-            logprobs = completion_logprobs(
-                core.tokenizer, delta.logprobs or (), offsets[index], as_ids
-            )
+            logprobs = shape.logprobs(
+                core, runs[run_index], delta.logprobs or (), offsets[index],
+                delta.prompt_logprobs, first,
+            )  # fmt: skip
         offsets[index] += len(delta.text)
         choice = {
             "index": index,

@@ -53,6 +53,39 @@ def completion_logprobs(
     }
 
 
+def echoed_prompt_logprobs(
+    tokenizer: TokenTexts,
+    prompt_ids: Sequence[int],
+    prompt_logprobs: Sequence[TokenLogprob] | None,
+    as_ids: bool = False,
+) -> dict[str, Any]:
+    """The prompt's part of completion logprobs under `echo` (OpenAI's legacy shape, as vLLM
+    builds it): every prompt token, the first with a `null` logprob and `null` top entry (nothing
+    predicts it), the others with their prompt logprob and top-N; offsets from 0 over the
+    tokens' text."""
+    given = list(prompt_logprobs or ())
+    if len(given) != len(prompt_ids) - 1:
+        raise ValueError(f"{len(given)} prompt logprobs for a prompt of {len(prompt_ids)} tokens")
+    first = prompt_ids[0]
+    out = {
+        "tokens": [_name(tokenizer, first, as_ids)],
+        "token_logprobs": [None],
+        "top_logprobs": [None],
+        "text_offset": [0],
+    }
+    rest = completion_logprobs(tokenizer, given, len(tokenizer.token_text(first)), as_ids)
+    for key, values in rest.items():
+        out[key].extend(values)
+    return out
+
+
+def join_logprobs(head: dict[str, Any] | None, tail: dict[str, Any]) -> dict[str, Any]:
+    """`head`'s lists followed by `tail`'s (None: `tail` alone)."""
+    if head is None:
+        return tail
+    return {key: [*head[key], *tail[key]] for key in tail}
+
+
 def chat_logprobs(
     tokenizer: TokenTexts, logprobs: Sequence[TokenLogprob], as_ids: bool = False
 ) -> dict[str, Any]:

@@ -210,14 +210,19 @@ class CompletionRequest(_SamplingRequest):
             raise invalid("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise invalid("best_of is not supported (it must be unset or equal to n)", "best_of")
-        if self.echo and self.logprobs is not None:
-            raise invalid(
-                "echo with logprobs is not supported (prompt_logprobs gives the prompt's)", "echo"
-            )
         # The generation config's max_new_tokens, if any, replaces both fallbacks (vLLM keeps
         # 16 for an absent max_tokens; we take the model's default, as for every other field).
         fallback = None if "max_tokens" in self.model_fields_set else CONTRACT_MAX_TOKENS
-        return self._params(defaults, self.max_tokens, fallback, self.logprobs)
+        params = self._params(defaults, self.max_tokens, fallback, self.logprobs)
+        if self.echo_logprobs and params.prompt_logprobs is None:
+            # As vLLM: the echoed prompt's logprobs are its prompt logprobs, top-N as `logprobs`.
+            params = replace(params, prompt_logprobs=self.logprobs)
+        return params
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """echo with logprobs: the logprobs cover the prompt's tokens, then the completion's."""
+        return self.echo and self.logprobs is not None
 
 
 class ContentPart(_Body):

@@ -76,6 +76,7 @@ COMPLETIONS = COMMON + [
     ("max_tokens", 3, OK, {}),
     ("logprobs", 2, OK, {}),
     ("echo", True, OK, {}),
+    ("echo", True, OK, {"logprobs": 1}),
     ("suffix", "end", NO, {}),
     ("best_of", 3, NO, {}),
     ("add_special_tokens", False, OK, {}),

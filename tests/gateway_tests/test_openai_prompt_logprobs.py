@@ -93,6 +93,40 @@ def test_streamed_on_each_choices_first_chunk(gw, prompt, role):
         assert "".join(c.text for c in mine) == gw.tok.decode(gw.tok.encode(REPLY)[:4])
 
 
+@pytest.mark.parametrize("prompt, role", [(LONG_PROMPT, "prefill"), (SHORT_PROMPT, "decode")])
+def test_echo_with_logprobs_covers_the_prompt_then_the_completion(gw, prompt, role):
+    """OpenAI's legacy echo + logprobs (what loglikelihood scorers send), as vLLM builds it:
+    the prompt's tokens first (the first with null), from its prompt logprobs."""
+    ids, reply = gw.tok.encode(prompt), gw.tok.encode(REPLY)[:3]
+    out = gw.client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=1
+    )
+    choice = out.choices[0]
+    lp = choice.logprobs
+    want = expected(gw.tok, ids, role, 1)
+    assert choice.text == prompt + gw.tok.decode(reply)
+    assert lp.tokens == [gw.tok.token_text(t) for t in [*ids, *reply]]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i, token_id in enumerate(ids[1:], start=1):
+        position = want[i]
+        assert lp.token_logprobs[i] == position[str(token_id)]["logprob"]
+        assert lp.top_logprobs[i] == {
+            gw.tok.token_text(int(t)): e["logprob"] for t, e in position.items()
+        }
+    assert lp.token_logprobs[len(ids) :] == [-0.5] * 3  # the fake decode's sampled logprobs
+    assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == len(prompt)
+    assert lp.text_offset == sorted(lp.text_offset)
+    assert choice.model_extra["prompt_logprobs"] is None  # not asked for: only in the logprobs
+    stream = gw.client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=1, stream=True
+    )
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.text for c in chunks) == choice.text
+    assert [t for c in chunks for t in c.logprobs.tokens] == lp.tokens
+    assert [v for c in chunks for v in c.logprobs.token_logprobs] == lp.token_logprobs
+    assert [o for c in chunks for o in c.logprobs.text_offset] == lp.text_offset
+
+
 def test_chat_has_them_top_level(gw):
     messages = [{"role": "user", "content": "hi"}]
     out = gw.client.chat.completions.create(

@@ -58,3 +58,18 @@ def test_completion_choices_carry_the_offline_prompt_logprobs(cluster, offline, 
     assert len(chunks) > 1
     assert_equal(chunks[0].model_extra["prompt_logprobs"], want)
     assert all("prompt_logprobs" not in c.model_extra for c in chunks[1:])
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_offline(cluster, offline):  # noqa: F811
+    """What a loglikelihood scorer sends (echo, logprobs, 1 token): the prompt's token logprobs
+    equal the offline LLM's prompt logprobs."""
+    _, _, g = cluster
+    client = openai.OpenAI(base_url=f"{g.http}/v1", api_key="unused", max_retries=0)
+    ids, want = offline[LONG_PROMPT]
+    out = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=1, temperature=0.0, echo=True, logprobs=1
+    )
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None
+    for i, token_id in enumerate(ids[1:], start=1):
+        assert lp.token_logprobs[i] == pytest.approx(want[i][token_id].logprob, abs=1e-4)
