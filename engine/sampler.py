@@ -45,17 +45,7 @@ class Sampler:
     ) -> SamplerOutput:
         """`bitmask`: (S, ceil(V / 32)) int32 allowed-token rows from the structured-output
         manager, or None when no row is constrained."""
-        logits = logits[:, : self.vocab_size].float().cpu()  # (S, V)
-        raw = logits
-        edits = any(_edits_logits(r) for r in requests)
-        if edits or bitmask is not None:  # keep `raw` for logprobs
-            logits = logits.clone()
-        if edits:
-            logits = self._apply_penalties(logits, requests)
-            _apply_token_edits(logits, requests)
-            self._mask_early_stop(logits, requests)
-        if bitmask is not None:
-            apply_bitmask(logits, bitmask)
+        raw, logits = self._processed(logits, requests, bitmask)
         tokens = self._draw(logits, requests)
         return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, requests))
 
@@ -65,6 +55,17 @@ class Sampler:
         """The distributions `__call__` draws from, without drawing. `rows` are requests or
         anything with their `params`, token lists and `num_output_tokens`; `bitmask` as for
         `__call__`, one row per logits row."""
+        raw, logits = self._processed(logits, rows, bitmask)
+        if all(r.params.greedy for r in rows):
+            return Distributions(raw, logits, None)
+        temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows]).unsqueeze(1)
+        return Distributions(raw, logits, _filter(logits / temps, rows).softmax(dim=-1))
+
+    def _processed(
+        self, logits: torch.Tensor, rows: list, bitmask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw, processed) (S, V) float32 logits: the model's, for logprobs, and those after
+        penalties, token edits, min_tokens masking and the bitmask, which the draw uses."""
         logits = logits[:, : self.vocab_size].float().cpu()  # (S, V)
         raw = logits
         edits = any(_edits_logits(r) for r in rows)
@@ -76,10 +77,7 @@ class Sampler:
             self._mask_early_stop(logits, rows)
         if bitmask is not None:
             apply_bitmask(logits, bitmask)
-        if all(r.params.greedy for r in rows):
-            return Distributions(raw, logits, None)
-        temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows]).unsqueeze(1)
-        return Distributions(raw, logits, _filter(logits / temps, rows).softmax(dim=-1))
+        return raw, logits
 
     def logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list):
         """Per row: the logprob, rank and top-N of `tokens[i]` from the raw logits, or None if
