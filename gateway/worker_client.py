@@ -19,6 +19,7 @@ from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from rpc.auth import cluster_token_metadata
 from rpc.channel import channel_credentials, open_channel
 from rpc.finish import finish_reason_from_pb
+from rpc.logprobs import token_logprobs_from_pb
 from rpc.sampling import fields_to_pb
 
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -278,16 +279,7 @@ def _prompt_logprobs(
 
 
 def _token_logprobs(token_ids: Sequence[int], messages: Any) -> list[TokenLogprob]:
-    """TokenLogprobs messages, one per token of `token_ids`."""
-    return [
-        TokenLogprob(
-            tid,
-            lp.logprob,
-            tuple((t.token_id, t.logprob) for t in lp.top_logprobs),
-            lp.rank if lp.HasField("rank") else None,
-        )
-        for tid, lp in zip(token_ids, messages, strict=False)
-    ]
+    return token_logprobs_from_pb(token_ids, messages, TokenLogprob)
 
 
 def _load_snapshot(report: Any) -> LoadSnapshot:

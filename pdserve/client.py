@@ -26,6 +26,7 @@ from contract.structured import StructuredOutputs
 from protos.pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 from rpc.auth import bearer_metadata
 from rpc.finish import finish_reason_from_pb
+from rpc.logprobs import token_logprobs_from_pb
 from rpc.sampling import fields_to_pb
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -404,15 +405,7 @@ def _chunk(message: Any, prompt_ids: list[int]) -> GenerationChunk:
 
 
 def _token_logprobs(token_ids: Any, messages: Any) -> tuple[TokenLogprob, ...]:
-    return tuple(
-        TokenLogprob(
-            tid,
-            lp.logprob,
-            tuple((t.token_id, t.logprob) for t in lp.top_logprobs),
-            lp.rank if lp.HasField("rank") else None,
-        )
-        for tid, lp in zip(token_ids, messages, strict=False)
-    )
+    return tuple(token_logprobs_from_pb(token_ids, messages, TokenLogprob))
 
 
 def _model_info(m: Any) -> ModelInfo:
